@@ -1,0 +1,107 @@
+//! `editguard bench`: how fast editguard is on this machine.
+//!
+//! Speed and memory are measured here, never asserted in timed tests. Figures: model load time (including fetch from
+//! the cache and dequantisation), tokens/s of batched ME-PPL_50 perplexity, seconds per forward + backward step through
+//! the differentiable path for a short prompt with a vector injected at an MLP output (the inner loop of ROME), and
+//! the process's peak resident memory.
+
+use std::time::Instant;
+
+use candle_core::{D, Tensor, Var};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::metrics::perplexity::{PerplexityOptions, perplexity};
+use crate::model::{AddAtSites, HookPoint, LoadedModel, Path};
+
+/// What `editguard bench` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Model id.
+    pub model: String,
+    /// Seconds to load the weights and tokenizer (cache hit).
+    pub load_seconds: f64,
+    /// Tokens per ME-PPL_50 pass.
+    pub ppl_tokens: usize,
+    /// Seconds per ME-PPL_50 pass (best of the repeats).
+    pub ppl_seconds: f64,
+    /// Tokens per second (best of the repeats).
+    pub ppl_tokens_per_second: f64,
+    /// Mean sentence perplexity found (sanity check).
+    pub ppl_mean: f64,
+    /// Prompt length of the gradient step.
+    pub step_prompt_tokens: usize,
+    /// Seconds per forward + backward step (median of the repeats).
+    pub step_seconds: f64,
+    /// Peak resident memory of the process in MiB, where the OS reports it.
+    pub peak_memory_mib: Option<f64>,
+    /// Logical CPUs seen.
+    pub cpus: usize,
+}
+
+/// Runs the benchmark on a loaded model.
+pub fn run(
+    model: &LoadedModel,
+    sentences: &[String],
+    repeats: usize,
+    options: PerplexityOptions,
+) -> Result<BenchReport> {
+    let repeats = repeats.max(1);
+    let mut best = f64::INFINITY;
+    let mut report = None;
+    for _ in 0..repeats {
+        let r = perplexity(model, sentences, options, None)?;
+        best = best.min(r.seconds);
+        report = Some(r);
+    }
+    let report = report.expect("at least one repeat");
+    let prompt = model.encode("The mother tongue of Danielle Darrieux is French, and she")?;
+    let prompt: Vec<u32> = prompt.into_iter().take(10).collect();
+    let mut steps = Vec::new();
+    for _ in 0..repeats.max(3) {
+        steps.push(gradient_step(model, &prompt)?);
+    }
+    steps.sort_by(f64::total_cmp);
+    Ok(BenchReport {
+        model: model.id.clone(),
+        load_seconds: model.load_seconds,
+        ppl_tokens: report.tokens,
+        ppl_seconds: best,
+        ppl_tokens_per_second: report.tokens as f64 / best,
+        ppl_mean: report.mean_sentence_ppl,
+        step_prompt_tokens: prompt.len(),
+        step_seconds: steps[steps.len() / 2],
+        peak_memory_mib: peak_memory_mib(),
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    })
+}
+
+/// One optimisation step's worth of work: forward through the differentiable path with a vector added at the MLP
+/// output of an early layer, NLL of the last token, backward to the vector. Returns seconds.
+pub fn gradient_step(model: &LoadedModel, prompt: &[u32]) -> Result<f64> {
+    let started = Instant::now();
+    let dims = model.dims();
+    let layer = dims.layers.min(6).saturating_sub(1);
+    let delta = Var::zeros(dims.hidden, model.dtype, &model.device)?;
+    let last = prompt.len() - 2;
+    let hook = AddAtSites::same(layer, HookPoint::MlpOutput, vec![(0, last)], delta.as_tensor())?;
+    let ids = Tensor::new(&prompt[..prompt.len() - 1], &model.device)?.unsqueeze(0)?;
+    let hidden = model.hidden_states(&ids, &hook, Path::Differentiable)?;
+    let logits = model.logits_at(&hidden, &[(0, last)], Path::Differentiable)?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let target = log_probs.get(0)?.get(prompt[prompt.len() - 1] as usize)?;
+    let grads = target.neg()?.backward()?;
+    let gradient = grads.get(delta.as_tensor()).map(|g| g.sqr().and_then(|s| s.sum_all())).transpose()?;
+    if gradient.is_none() {
+        return Err(crate::Error::invalid("(bench)", "gradient", "no gradient reached the injected vector"));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Peak resident set size (VmHWM) in MiB on Linux.
+pub fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

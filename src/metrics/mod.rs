@@ -1,0 +1,3 @@
+//! Measurements of a (possibly edited) model.
+
+pub mod perplexity;

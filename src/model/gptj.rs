@@ -1,0 +1,191 @@
+//! The GPT-J architecture (GPT-J 6B), with hook points.
+//!
+//! One layer norm feeds attention and MLP in parallel: `h + attn(ln(h)) + mlp(ln(h))`. Attention uses rotary
+//! embeddings on the first `rotary_dim` dimensions of each head only, pairing dimensions `2i` and `2i + 1`
+//! ("rotate every two", the interleaved layout). Query, key and value projections have no bias; the output head does.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::hooks::{Hook, HookPoint};
+use super::layers::{LayerNormWeights, Path, Rotary, RotaryLayout, causal_attention, linear, split_heads};
+use super::weights::WeightSource;
+use super::{Architecture, CausalLm, ModelDims, WeightId};
+use crate::error::{Error, Result};
+
+/// The registry row.
+pub const ARCHITECTURE: Architecture = Architecture { name: "gptj", from_config: from_config_json, from_gguf: None };
+
+/// Hyper-parameters, mirroring the Hugging Face `config.json` of `GPTJForCausalLM`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GptjConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest sequence.
+    pub n_positions: usize,
+    /// Residual width.
+    pub n_embd: usize,
+    /// Layers.
+    pub n_layer: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Rotary dimensions per head (the rest pass through unrotated).
+    pub rotary_dim: usize,
+    /// MLP width; `4 * n_embd` when null.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    /// Activation; `gelu_new` is supported.
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// Layer norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+}
+
+fn default_activation() -> String {
+    "gelu_new".to_string()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+struct Block {
+    ln_1: LayerNormWeights,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    fc_in: (Tensor, Tensor),
+    fc_out: (Tensor, Tensor),
+}
+
+/// A loaded GPT-J network.
+pub struct Gptj {
+    config: GptjConfig,
+    wte: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNormWeights,
+    lm_head: (Tensor, Tensor),
+    rotary: Rotary,
+}
+
+fn from_config_json(
+    text: &str,
+    origin: &str,
+    weights: &dyn WeightSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>> {
+    let config: GptjConfig =
+        serde_json::from_str(text).map_err(|e| Error::invalid(origin, "(config)", e.to_string()))?;
+    Ok(Box::new(Gptj::load(config, origin, weights, dtype, device)?))
+}
+
+impl Gptj {
+    /// Loads all weights of `config` from `weights`.
+    pub fn load(
+        config: GptjConfig,
+        origin: &str,
+        weights: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        super::gpt2::check_activation(&config.activation_function, origin)?;
+        let get = |name: &str| weights.get(name, dtype, device);
+        let pair = |name: &str| -> Result<(Tensor, Tensor)> {
+            Ok((get(&format!("{name}.weight"))?, get(&format!("{name}.bias"))?))
+        };
+        let norm = |name: &str| -> Result<LayerNormWeights> {
+            let (weight, bias) = pair(name)?;
+            Ok(LayerNormWeights { weight, bias, eps: config.layer_norm_epsilon })
+        };
+        let blocks = (0..config.n_layer)
+            .map(|i| {
+                let p = |suffix: &str| format!("transformer.h.{i}.{suffix}");
+                Ok(Block {
+                    ln_1: norm(&p("ln_1"))?,
+                    q: get(&p("attn.q_proj.weight"))?,
+                    k: get(&p("attn.k_proj.weight"))?,
+                    v: get(&p("attn.v_proj.weight"))?,
+                    out: get(&p("attn.out_proj.weight"))?,
+                    fc_in: pair(&p("mlp.fc_in"))?,
+                    fc_out: pair(&p("mlp.fc_out"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rotary =
+            Rotary::new(config.rotary_dim, 10_000.0, config.n_positions, RotaryLayout::Interleaved, dtype, device)?;
+        Ok(Gptj {
+            wte: get("transformer.wte.weight")?,
+            ln_f: norm("transformer.ln_f")?,
+            lm_head: pair("lm_head")?,
+            blocks,
+            rotary,
+            config,
+        })
+    }
+
+    fn block(&self, index: usize, h: Tensor, hooks: &dyn Hook, path: Path) -> candle_core::Result<Tensor> {
+        let b = &self.blocks[index];
+        let heads = self.config.n_head;
+        let head_dim = self.config.n_embd / heads;
+        let x = b.ln_1.forward(&h, path)?;
+        let q = self.rotary.apply(&split_heads(&linear(&x, &b.q, None, path)?, heads, head_dim)?, path)?;
+        let k = self.rotary.apply(&split_heads(&linear(&x, &b.k, None, path)?, heads, head_dim)?, path)?;
+        let v = split_heads(&linear(&x, &b.v, None, path)?, heads, head_dim)?;
+        let attention = linear(&causal_attention(&q, &k, &v, path)?, &b.out, None, path)?;
+        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc_in.0, Some(&b.fc_in.1), path)?.gelu()?)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.fc_out.0, Some(&b.fc_out.1), path)?)?;
+        hooks.visit(index, HookPoint::BlockOutput, ((h + attention)? + mlp)?)
+    }
+}
+
+impl CausalLm for Gptj {
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            layers: self.config.n_layer,
+            hidden: self.config.n_embd,
+            intermediate: self.config.n_inner.unwrap_or(4 * self.config.n_embd),
+            vocab: self.config.vocab_size,
+            max_positions: self.config.n_positions,
+        }
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, tokens) = input_ids.dims2()?;
+        let flat = self.wte.index_select(&input_ids.flatten_all()?, 0)?;
+        Ok(flat.reshape((batch, tokens, self.config.n_embd))?)
+    }
+
+    fn run_layers(&self, mut h: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+        for index in layers {
+            h = self.block(index, h, hooks, path)?;
+        }
+        Ok(h)
+    }
+
+    fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {
+        let normed = self.ln_f.forward(rows, path)?;
+        Ok(linear(&normed, &self.lm_head.0, Some(&self.lm_head.1), path)?)
+    }
+
+    fn weight(&self, id: WeightId) -> Result<Tensor> {
+        match id {
+            WeightId::MlpDown(layer) => Ok(self.blocks.get(layer).ok_or(WeightId::out_of_range(id))?.fc_out.0.clone()),
+            WeightId::TokenEmbedding => Ok(self.wte.clone()),
+        }
+    }
+
+    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
+        match id {
+            WeightId::MlpDown(layer) => {
+                let block = self.blocks.get_mut(layer).ok_or(WeightId::out_of_range(id))?;
+                super::check_same_shape(&block.fc_out.0, &value, id)?;
+                Ok(std::mem::replace(&mut block.fc_out.0, value))
+            }
+            WeightId::TokenEmbedding => Err(WeightId::read_only(id)),
+        }
+    }
+}

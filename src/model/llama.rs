@@ -1,0 +1,301 @@
+//! The Llama architecture (SmolLM2, Llama-2, Llama-3 without rope scaling), with hook points.
+//!
+//! Pre-norm decoder blocks: RMS norm, grouped-query attention with half-split rotary embeddings, RMS norm, and a SwiGLU
+//! MLP `down(silu(gate(x)) * up(x))`. The input of `down` is the MLP key ([`HookPoint::MlpKey`]). Weights come from
+//! safetensors under Hugging Face names or from GGUF through [`GgufWeights`], which restores the Hugging Face row order
+//! of the query and key projections.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Module, Tensor};
+use serde::Deserialize;
+
+use super::gguf::{GgufFile, GgufWeights};
+use super::hooks::{Hook, HookPoint};
+use super::layers::{Path, Rotary, RotaryLayout, causal_attention, linear, rms_norm, split_heads};
+use super::weights::WeightSource;
+use super::{Architecture, CausalLm, ModelDims, WeightId};
+use crate::error::{Error, Result};
+
+/// The registry row.
+pub const ARCHITECTURE: Architecture =
+    Architecture { name: "llama", from_config: from_config_json, from_gguf: Some(from_gguf) };
+
+/// Hyper-parameters, mirroring the Hugging Face `config.json` of `LlamaForCausalLM`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); equals the query heads when absent.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; `hidden_size / num_attention_heads` when absent.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Longest sequence.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Whether the output projection reuses the token embeddings.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Activation of the gate; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Rope scaling; unsupported when set.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Newer transformers versions write `{"rope_theta": .., "rope_type": "default"}` here instead.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".to_string()
+}
+
+impl LlamaConfig {
+    fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Folds `rope_parameters` (newer config.json files) into `rope_theta`, refusing non-default rope types.
+    fn normalise_rope(&mut self, origin: &str) -> Result<()> {
+        if let Some(parameters) = self.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            if let Some(theta) = parameters.get("rope_theta").and_then(|v| v.as_f64()) {
+                self.rope_theta = theta;
+            }
+            let kind = parameters.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(Error::invalid(
+                    origin,
+                    "rope_parameters.rope_type",
+                    format!("expected `default`, found `{kind}`"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, origin: &str) -> Result<()> {
+        if self.hidden_act != "silu" {
+            return Err(Error::invalid(origin, "hidden_act", format!("expected `silu`, found `{}`", self.hidden_act)));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(Error::invalid(origin, "rope_scaling", "rope scaling is not supported yet; expected null"));
+        }
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
+            return Err(Error::invalid(origin, "num_key_value_heads", "must divide num_attention_heads"));
+        }
+        Ok(())
+    }
+
+    /// Reads the hyper-parameters from GGUF metadata (`llama.*` keys).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let arch = file.string("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::model_file(
+                file.path().display().to_string(),
+                format!("general.architecture is `{arch}`, expected `llama`"),
+            ));
+        }
+        let heads = file.usize("llama.attention.head_count")?;
+        let hidden = file.usize("llama.embedding_length")?;
+        let vocab = match file.usize("llama.vocab_size") {
+            Ok(v) => v,
+            Err(_) => file.array("tokenizer.ggml.tokens")?.len(),
+        };
+        Ok(LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: file.usize("llama.feed_forward_length")?,
+            num_hidden_layers: file.usize("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(file.usize("llama.attention.head_count_kv").unwrap_or(heads)),
+            head_dim: Some(file.usize("llama.rope.dimension_count").unwrap_or(hidden / heads)),
+            rms_norm_eps: file.f64("llama.attention.layer_norm_rms_epsilon")?,
+            rope_theta: file.f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            max_position_embeddings: file.usize("llama.context_length").unwrap_or(2048),
+            vocab_size: vocab,
+            tie_word_embeddings: !file.has_tensor("output.weight"),
+            hidden_act: "silu".to_string(),
+            rope_scaling: None,
+            rope_parameters: None,
+        })
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A loaded Llama network.
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rotary: Rotary,
+}
+
+fn from_config_json(
+    text: &str,
+    origin: &str,
+    weights: &dyn WeightSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>> {
+    let config: LlamaConfig =
+        serde_json::from_str(text).map_err(|e| Error::invalid(origin, "(config)", e.to_string()))?;
+    Ok(Box::new(Llama::load(config, origin, weights, dtype, device)?))
+}
+
+fn from_gguf(file: &GgufFile, dtype: DType, device: &Device) -> Result<Box<dyn CausalLm>> {
+    let config = LlamaConfig::from_gguf(file)?;
+    let weights = GgufWeights::llama(file, config.num_attention_heads, config.kv_heads());
+    let origin = file.path().display().to_string();
+    Ok(Box::new(Llama::load(config, &origin, &weights, dtype, device)?))
+}
+
+impl Llama {
+    /// Loads all weights of `config` from `weights`.
+    pub fn load(
+        mut config: LlamaConfig,
+        origin: &str,
+        weights: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        config.normalise_rope(origin)?;
+        config.check(origin)?;
+        let get = |name: String| weights.get(&name, dtype, device);
+        let blocks = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
+                Ok(Block {
+                    input_norm: get(p("input_layernorm.weight"))?,
+                    q: get(p("self_attn.q_proj.weight"))?,
+                    k: get(p("self_attn.k_proj.weight"))?,
+                    v: get(p("self_attn.v_proj.weight"))?,
+                    o: get(p("self_attn.o_proj.weight"))?,
+                    post_norm: get(p("post_attention_layernorm.weight"))?,
+                    gate: get(p("mlp.gate_proj.weight"))?,
+                    up: get(p("mlp.up_proj.weight"))?,
+                    down: get(p("mlp.down_proj.weight"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = get("model.embed_tokens.weight".to_string())?;
+        let lm_head = if config.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            get("lm_head.weight".to_string())?
+        };
+        let rotary = Rotary::new(
+            config.head_dim(),
+            config.rope_theta,
+            config.max_position_embeddings,
+            RotaryLayout::HalfSplit,
+            dtype,
+            device,
+        )?;
+        Ok(Llama { norm: get("model.norm.weight".to_string())?, embed, blocks, lm_head, rotary, config })
+    }
+
+    fn block(&self, index: usize, h: Tensor, hooks: &dyn Hook, path: Path) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let b = &self.blocks[index];
+        let eps = c.rms_norm_eps;
+        let x = rms_norm(&h, &b.input_norm, eps, path)?;
+        let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let q = self.rotary.apply(&split_heads(&linear(&x, &b.q, None, path)?, heads, head_dim)?, path)?;
+        let k = self.rotary.apply(&split_heads(&linear(&x, &b.k, None, path)?, kv_heads, head_dim)?, path)?;
+        let v = split_heads(&linear(&x, &b.v, None, path)?, kv_heads, head_dim)?;
+        let attention = linear(&causal_attention(&q, &k, &v, path)?, &b.o, None, path)?;
+        let h = (h + attention)?;
+        let x = rms_norm(&h, &b.post_norm, eps, path)?;
+        let gate = candle_nn::Activation::Silu.forward(&linear(&x, &b.gate, None, path)?)?;
+        let key = (gate * linear(&x, &b.up, None, path)?)?;
+        let key = hooks.visit(index, HookPoint::MlpKey, key)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?)?;
+        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?)
+    }
+}
+
+impl CausalLm for Llama {
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            layers: self.config.num_hidden_layers,
+            hidden: self.config.hidden_size,
+            intermediate: self.config.intermediate_size,
+            vocab: self.config.vocab_size,
+            max_positions: self.config.max_position_embeddings,
+        }
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, tokens) = input_ids.dims2()?;
+        let flat = self.embed.index_select(&input_ids.flatten_all()?, 0)?;
+        Ok(flat.reshape((batch, tokens, self.config.hidden_size))?)
+    }
+
+    fn run_layers(&self, mut h: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+        for index in layers {
+            h = self.block(index, h, hooks, path)?;
+        }
+        Ok(h)
+    }
+
+    fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {
+        let normed = rms_norm(rows, &self.norm, self.config.rms_norm_eps, path)?;
+        Ok(linear(&normed, &self.lm_head, None, path)?)
+    }
+
+    fn weight(&self, id: WeightId) -> Result<Tensor> {
+        match id {
+            WeightId::MlpDown(layer) => Ok(self.blocks.get(layer).ok_or(WeightId::out_of_range(id))?.down.clone()),
+            WeightId::TokenEmbedding => Ok(self.embed.clone()),
+        }
+    }
+
+    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
+        match id {
+            WeightId::MlpDown(layer) => {
+                let block = self.blocks.get_mut(layer).ok_or(WeightId::out_of_range(id))?;
+                super::check_same_shape(&block.down, &value, id)?;
+                Ok(std::mem::replace(&mut block.down, value))
+            }
+            WeightId::TokenEmbedding => Err(WeightId::read_only(id)),
+        }
+    }
+}

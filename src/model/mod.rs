@@ -1,0 +1,266 @@
+//! Models: the hookable causal-LM interface, the architecture table and the loaded model editing methods work on.
+//!
+//! Each architecture is one file implementing [`CausalLm`] plus one row of [`ARCHITECTURES`]. A [`LoadedModel`] joins
+//! a network with its tokenizer and offers what editing methods need: hidden states under hooks (fast or
+//! differentiable), logits at chosen tokens, and weight overrides `W → W + ΔW` that restore `W` exactly.
+
+pub mod batch;
+pub mod frozen;
+pub mod gguf;
+pub mod gpt2;
+pub mod gptj;
+pub mod hooks;
+pub mod layers;
+pub mod llama;
+pub mod tokenizer;
+pub mod weights;
+
+use std::ops::Range;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use hooks::{AddAtSites, Capture, Hook, HookPoint, HookSet, NoHooks, ReplaceAtSites, Site};
+pub use layers::Path;
+
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::source::{ModelFiles, WeightFormat};
+
+/// Sizes of a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDims {
+    /// Number of layers.
+    pub layers: usize,
+    /// Residual stream width.
+    pub hidden: usize,
+    /// MLP width (the size of an MLP key).
+    pub intermediate: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Longest supported sequence.
+    pub max_positions: usize,
+}
+
+/// A weight editing methods can read or override, in `(out_features, in_features)` orientation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightId {
+    /// The MLP down-projection of a layer (`mlp.down_proj`, GPT-2 `mlp.c_proj`, GPT-J `mlp.fc_out`),
+    /// shape `(hidden, intermediate)`.
+    MlpDown(usize),
+    /// The token embedding matrix `(vocab, hidden)` (read-only).
+    TokenEmbedding,
+}
+
+impl WeightId {
+    fn out_of_range(self) -> Error {
+        Error::invalid("(model)", format!("{self:?}"), "layer index out of range")
+    }
+
+    fn read_only(self) -> Error {
+        Error::invalid("(model)", format!("{self:?}"), "this weight cannot be overridden")
+    }
+}
+
+fn check_same_shape(current: &Tensor, new: &Tensor, id: WeightId) -> Result<()> {
+    if current.shape() != new.shape() {
+        return Err(Error::invalid(
+            "(model)",
+            format!("{id:?}"),
+            format!("override has shape {:?}, the weight has {:?}", new.dims(), current.dims()),
+        ));
+    }
+    Ok(())
+}
+
+/// A causal language model with hook points; one implementation per architecture.
+pub trait CausalLm: Send + Sync {
+    /// Sizes.
+    fn dims(&self) -> ModelDims;
+    /// Token (and, where the architecture has them, position) embeddings of `(batch, tokens)` ids.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor>;
+    /// Runs `layers` on the residual stream `(batch, tokens, hidden)`, calling `hooks` at every hook point.
+    fn run_layers(&self, hidden: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor>;
+    /// Final norm and output projection of residual rows `(n, hidden)` → logits `(n, vocab)`.
+    fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
+    /// The current value of a weight.
+    fn weight(&self, id: WeightId) -> Result<Tensor>;
+    /// Replaces a weight, returning the previous tensor.
+    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor>;
+}
+
+/// Builds a network from `config.json` text and safetensors weights.
+pub type FromConfig = fn(&str, &str, &dyn weights::WeightSource, DType, &Device) -> Result<Box<dyn CausalLm>>;
+/// Builds a network from a GGUF file.
+pub type FromGguf = fn(&gguf::GgufFile, DType, &Device) -> Result<Box<dyn CausalLm>>;
+
+/// One row of the architecture table.
+pub struct Architecture {
+    /// The name used in models.toml.
+    pub name: &'static str,
+    /// Loader for Hugging Face checkpoints.
+    pub from_config: FromConfig,
+    /// Loader for GGUF files, where supported.
+    pub from_gguf: Option<FromGguf>,
+}
+
+/// The architecture table: adding an architecture is one file plus one row here.
+pub const ARCHITECTURES: &[Architecture] = &[llama::ARCHITECTURE, gpt2::ARCHITECTURE, gptj::ARCHITECTURE];
+
+/// Looks an architecture up by name.
+pub fn architecture(name: &str) -> Result<&'static Architecture> {
+    ARCHITECTURES.iter().find(|a| a.name == name).ok_or_else(|| {
+        let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
+        Error::invalid("models.toml", "architecture", format!("unknown `{name}`; expected one of {}", known.join(", ")))
+    })
+}
+
+/// The device editguard computes on: CUDA or Metal when built with the feature and available, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(device) = Device::new_cuda(0) {
+        return device;
+    }
+    #[cfg(feature = "metal")]
+    if let Ok(device) = Device::new_metal(0) {
+        return device;
+    }
+    Device::Cpu
+}
+
+/// A network with its tokenizer, ready for measuring and editing.
+pub struct LoadedModel {
+    /// Registry id.
+    pub id: String,
+    /// Architecture name.
+    pub architecture: String,
+    /// What was loaded (package version, commit or path).
+    pub revision: String,
+    /// The network.
+    pub network: Box<dyn CausalLm>,
+    /// The tokenizer.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Device of all tensors.
+    pub device: Device,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Seconds spent loading (and dequantising) the weights.
+    pub load_seconds: f64,
+}
+
+/// The original value of an overridden weight; give it back to [`LoadedModel::restore`].
+#[must_use = "a weight backup restores the original weight; dropping it loses the way back"]
+pub struct WeightBackup {
+    id: WeightId,
+    original: Tensor,
+}
+
+impl WeightBackup {
+    /// The weight this backup belongs to.
+    pub fn id(&self) -> WeightId {
+        self.id
+    }
+
+    /// The original tensor.
+    pub fn original(&self) -> &Tensor {
+        &self.original
+    }
+}
+
+impl LoadedModel {
+    /// Fetches (if needed) and loads registry model `id`.
+    pub fn load(registry: &Registry, id: &str, device: &Device) -> Result<Self> {
+        let entry = registry.get(id)?;
+        let files = crate::source::fetch(registry, id)?;
+        Self::from_files(&files, entry.architecture(), entry.dtype.to_candle(), device)
+    }
+
+    /// Loads a model from local files.
+    pub fn from_files(files: &ModelFiles, architecture_name: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let started = Instant::now();
+        let arch = architecture(architecture_name)?;
+        let (network, tokenizer) = match files.format {
+            WeightFormat::Gguf => {
+                let path = &files.weights[0];
+                let file = gguf::GgufFile::open(path)?;
+                let load = arch.from_gguf.ok_or_else(|| {
+                    Error::model_file(path.display().to_string(), format!("GGUF is not supported for {}", arch.name))
+                })?;
+                let tokenizer = match &files.tokenizer {
+                    Some(path) => tokenizer::from_file(path)?,
+                    None => tokenizer::from_gguf(&file)?,
+                };
+                (load(&file, dtype, device)?, tokenizer)
+            }
+            WeightFormat::Safetensors => {
+                let config_path = files.config.as_ref().ok_or_else(|| {
+                    Error::invalid("models.toml", format!("models.{}.source.config", files.id), "config.json needed")
+                })?;
+                let tokenizer_path = files.tokenizer.as_ref().ok_or_else(|| {
+                    Error::invalid("models.toml", format!("models.{}.source.tokenizer", files.id), "tokenizer needed")
+                })?;
+                let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
+                let weights = weights::SafetensorsWeights::open(&files.weights)?;
+                let origin = config_path.display().to_string();
+                ((arch.from_config)(&text, &origin, &weights, dtype, device)?, tokenizer::from_file(tokenizer_path)?)
+            }
+        };
+        Ok(LoadedModel {
+            id: files.id.clone(),
+            architecture: arch.name.to_string(),
+            revision: files.revision.clone(),
+            network,
+            tokenizer,
+            device: device.clone(),
+            dtype,
+            load_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Sizes of the network.
+    pub fn dims(&self) -> ModelDims {
+        self.network.dims()
+    }
+
+    /// Token ids of `text` without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        tokenizer::encode_plain(&self.tokenizer, text)
+    }
+
+    /// Residual stream after all layers, `(batch, tokens, hidden)`, for right-padded `(batch, tokens)` ids.
+    pub fn hidden_states(&self, input_ids: &Tensor, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+        let embedded = self.network.embed(input_ids)?;
+        self.network.run_layers(embedded, 0..self.dims().layers, hooks, path)
+    }
+
+    /// Logits `(sites, vocab)` at the given `(row, position)` sites of a hidden-state tensor.
+    pub fn logits_at(&self, hidden: &Tensor, sites: &[Site], path: Path) -> Result<Tensor> {
+        let (_, tokens, width) = hidden.dims3()?;
+        let flat: Vec<u32> = sites.iter().map(|&(row, position)| (row * tokens + position) as u32).collect();
+        let index = Tensor::from_vec(flat, sites.len(), hidden.device())?;
+        let rows = hidden.reshape(((), width))?.index_select(&index, 0)?;
+        self.network.logits(&rows, path)
+    }
+
+    /// Logits `(batch, tokens, vocab)` for every position (tests and small inputs).
+    pub fn all_logits(&self, input_ids: &Tensor, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, hooks, path)?;
+        let (batch, tokens, width) = hidden.dims3()?;
+        let logits = self.network.logits(&hidden.reshape((batch * tokens, width))?, path)?;
+        Ok(logits.reshape((batch, tokens, ()))?)
+    }
+
+    /// Overrides a weight with `W + ΔW`; the backup restores `W` bit for bit.
+    pub fn apply_delta(&mut self, id: WeightId, delta: &Tensor) -> Result<WeightBackup> {
+        let current = self.network.weight(id)?;
+        let updated = (&current + delta.to_dtype(current.dtype())?)?;
+        let original = self.network.set_weight(id, updated)?;
+        Ok(WeightBackup { id, original })
+    }
+
+    /// Puts back the weight a backup was taken from.
+    pub fn restore(&mut self, backup: WeightBackup) -> Result<()> {
+        self.network.set_weight(backup.id, backup.original)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+//! Weight sources: tensors by their Hugging Face name, from safetensors or GGUF files.
+//!
+//! Architectures ask for weights by the names a Hugging Face checkpoint uses (`model.layers.3.mlp.down_proj.weight`),
+//! in `(out_features, in_features)` orientation. A [`WeightSource`] hides where they come from: memory-mapped
+//! safetensors shards, or a GGUF file whose names, quantisation and Q/K row order are translated by `gguf.rs`.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Tensors by Hugging Face name.
+pub trait WeightSource {
+    /// The tensor `name`, converted to `dtype` on `device`.
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
+    /// True when the source holds `name`.
+    fn contains(&self, name: &str) -> bool;
+    /// A short description for error messages.
+    fn describe(&self) -> String;
+
+    /// Returns the first of `names` that exists.
+    fn get_any(&self, names: &[String], dtype: DType, device: &Device) -> Result<Tensor> {
+        match names.iter().find(|n| self.contains(n)) {
+            Some(name) => self.get(name, dtype, device),
+            None => Err(Error::model_file(self.describe(), format!("no tensor named any of {names:?}"))),
+        }
+    }
+}
+
+/// Memory-mapped safetensors shards.
+pub struct SafetensorsWeights {
+    files: Vec<PathBuf>,
+    tensors: candle_core::safetensors::MmapedSafetensors,
+    names: std::collections::HashSet<String>,
+}
+
+impl SafetensorsWeights {
+    /// Maps the shards (without reading them).
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        let describe = || files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+        // SAFETY: the files are treated as immutable for the lifetime of the map, as candle requires.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+            .map_err(|e| Error::model_file(describe(), e.to_string()))?;
+        let names = tensors.tensors().into_iter().map(|(name, _)| name).collect();
+        Ok(SafetensorsWeights { files: files.to_vec(), tensors, names })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let tensor = self.tensors.load(name, device).map_err(|e| Error::model_file(self.describe(), e.to_string()))?;
+        Ok(tensor.to_dtype(dtype)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+}

