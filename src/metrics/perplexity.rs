@@ -4,15 +4,16 @@
 //! Each sentence is tokenised without special tokens (no BOS). Tokens 2..n are scored, each given the tokens before
 //! it; a sentence's perplexity is `exp(mean NLL)`, and the reported figure is the arithmetic mean of the sentences'
 //! perplexities. The token-weighted corpus perplexity `exp(total NLL / scored tokens)` is reported beside it.
-//! Sentences are scored in length-sorted, right-padded batches; logits are computed only at scored positions.
+//! Sentences are scored in packed batches of similar length; logits are computed only at scored positions.
 
 use std::time::Instant;
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::{Result, ensure_finite};
-use crate::model::batch::{TokenBatch, length_sorted_chunks};
+use crate::model::fast_exp::{max_of, sum_exp_shifted, with_cpu_f32};
+use crate::model::packing::length_sorted_chunks;
 use crate::model::{LoadedModel, NoHooks, Path, Site};
 
 /// Per-sentence result.
@@ -56,7 +57,7 @@ pub struct PerplexityReport {
 /// Batching knobs.
 #[derive(Debug, Clone, Copy)]
 pub struct PerplexityOptions {
-    /// Upper bound on padded tokens per forward pass.
+    /// Upper bound on tokens per forward pass.
     pub token_budget: usize,
     /// Upper bound on logits rows computed at once (memory: rows × vocab floats).
     pub logit_rows: usize,
@@ -64,7 +65,7 @@ pub struct PerplexityOptions {
 
 impl Default for PerplexityOptions {
     fn default() -> Self {
-        PerplexityOptions { token_budget: 1024, logit_rows: 1024 }
+        PerplexityOptions { token_budget: 2048, logit_rows: 1024 }
     }
 }
 
@@ -128,8 +129,8 @@ fn summarise(per_sentence: Vec<SentenceScore>, total: usize, tokens: usize, seco
 
 /// Negative log-likelihood of tokens 2..n of every row (each row at least two tokens long).
 pub fn batch_token_nll(model: &LoadedModel, rows: &[&[u32]], logit_rows: usize) -> Result<Vec<Vec<f64>>> {
-    let batch = TokenBatch::right_padded(rows, 0, &model.device)?;
-    let hidden = model.hidden_states(&batch.ids, &NoHooks, Path::Fast)?;
+    let batch = model.batch(rows)?;
+    let hidden = model.hidden_states(&batch, &NoHooks, Path::Fast)?;
     let mut sites: Vec<Site> = Vec::new();
     let mut targets: Vec<u32> = Vec::new();
     for (row, tokens) in rows.iter().enumerate() {
@@ -140,7 +141,7 @@ pub fn batch_token_nll(model: &LoadedModel, rows: &[&[u32]], logit_rows: usize) 
     }
     let mut nll = Vec::with_capacity(sites.len());
     for (site_chunk, target_chunk) in sites.chunks(logit_rows.max(1)).zip(targets.chunks(logit_rows.max(1))) {
-        let logits = model.logits_at(&hidden, site_chunk, Path::Fast)?;
+        let logits = model.logits_at(&hidden, &batch.packing, site_chunk, Path::Fast)?;
         nll.extend(token_nll(&logits, target_chunk)?);
     }
     let mut out = Vec::with_capacity(rows.len());
@@ -152,15 +153,33 @@ pub fn batch_token_nll(model: &LoadedModel, rows: &[&[u32]], logit_rows: usize) 
     Ok(out)
 }
 
-/// `−log softmax(logits)[target]` per row of `(n, vocab)` logits, log-sum-exp accumulated in f64.
+/// `−log softmax(logits)[target]` per row of `(n, vocab)` logits; exponentials are summed in f64, rows are split
+/// across the available cores.
 pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let index = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
-    let target = shifted.gather(&index, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-    let sums = shifted.exp()?.to_dtype(DType::F64)?.sum(D::Minus1)?.to_vec1::<f64>()?;
-    Ok(sums.iter().zip(target).map(|(sum, t)| sum.ln() - t as f64).collect())
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let (rows, vocab) = logits.dims2()?;
+    let compute = |values: &[f32]| {
+        let mut nll = vec![0f64; rows];
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(rows.max(1));
+        let per_thread = rows.div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|scope| {
+            for (chunk_index, out) in nll.chunks_mut(per_thread).enumerate() {
+                scope.spawn(move || {
+                    for (offset, slot) in out.iter_mut().enumerate() {
+                        let row = chunk_index * per_thread + offset;
+                        let logits = &values[row * vocab..(row + 1) * vocab];
+                        let max = max_of(logits);
+                        *slot = sum_exp_shifted(logits, max).ln() - f64::from(logits[targets[row] as usize] - max);
+                    }
+                });
+            }
+        });
+        nll
+    };
+    match with_cpu_f32(&logits, compute) {
+        Some(nll) => Ok(nll),
+        None => Ok(compute(&logits.flatten_all()?.to_vec1::<f32>()?)),
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `x · Wᵀ` for `x: (n, in)` and a constant `w: (out, in)`, differentiable in `x` only.
 pub fn matmul_frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let value = x.detach().matmul(&w.t()?)?;
+    let value = super::layers::matmul_transposed(&x.detach(), w)?;
     x.apply_op1(InputGradientOnly { value, weight: w.detach() })
 }
 

@@ -11,7 +11,8 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::hooks::{Hook, HookPoint};
-use super::layers::{LayerNormWeights, Path, causal_attention, linear, split_heads};
+use super::layers::{AttentionShape, LayerNormWeights, Path, causal_attention, linear};
+use super::packing::Packing;
 use super::weights::WeightSource;
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
@@ -144,18 +145,18 @@ impl Gpt2 {
         Ok(Gpt2 { wte: get("wte.weight")?, wpe: get("wpe.weight")?, ln_f: norm("ln_f")?, blocks, config })
     }
 
-    fn block(&self, index: usize, h: Tensor, hooks: &dyn Hook, path: Path) -> candle_core::Result<Tensor> {
+    fn block(&self, index: usize, h: Tensor, packing: &Packing, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
         let b = &self.blocks[index];
         let (heads, width) = (self.config.n_head, self.config.n_embd);
-        let x = b.ln_1.forward(&h, path)?;
-        let qkv = linear(&x, &b.attn_qkv.0, Some(&b.attn_qkv.1), path)?;
-        let part = |i: usize| split_heads(&qkv.narrow(D::Minus1, i * width, width)?, heads, width / heads);
-        let context = causal_attention(&part(0)?, &part(1)?, &part(2)?, path)?;
+        let shape = AttentionShape { heads, kv_heads: heads, head_dim: width / heads };
+        let qkv = linear(&b.ln_1.forward(&h, path)?, &b.attn_qkv.0, Some(&b.attn_qkv.1), path)?;
+        let part = |i: usize| qkv.narrow(D::Minus1, i * width, width);
+        let context = causal_attention(&part(0)?, &part(1)?, &part(2)?, packing, shape, None, path)?;
         let h = (h + linear(&context, &b.attn_proj.0, Some(&b.attn_proj.1), path)?)?;
         let x = b.ln_2.forward(&h, path)?;
-        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc.0, Some(&b.fc.1), path)?.gelu()?)?;
-        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.proj.0, Some(&b.proj.1), path)?)?;
-        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?)
+        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc.0, Some(&b.fc.1), path)?.gelu()?, packing)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.proj.0, Some(&b.proj.1), path)?, packing)?;
+        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
     }
 }
 
@@ -170,20 +171,25 @@ impl CausalLm for Gpt2 {
         }
     }
 
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = input_ids.dims2()?;
-        if tokens > self.config.n_positions {
-            return Err(Error::invalid("(input)", "tokens", format!("{tokens} exceeds n_positions")));
+    fn embed(&self, input_ids: &Tensor, packing: &Packing) -> Result<Tensor> {
+        if packing.longest() > self.config.n_positions {
+            let message = format!("{} tokens exceed n_positions = {}", packing.longest(), self.config.n_positions);
+            return Err(Error::invalid("(input)", "tokens", message));
         }
-        let width = self.config.n_embd;
-        let words = self.wte.index_select(&input_ids.flatten_all()?, 0)?.reshape((batch, tokens, width))?;
-        let positions = self.wpe.narrow(0, 0, tokens)?.unsqueeze(0)?;
-        Ok(words.broadcast_add(&positions)?)
+        let words = self.wte.index_select(input_ids, 0)?;
+        Ok((words + self.wpe.index_select(packing.positions(), 0)?)?)
     }
 
-    fn run_layers(&self, mut h: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        mut h: Tensor,
+        packing: &Packing,
+        layers: Range<usize>,
+        hooks: &dyn Hook,
+        path: Path,
+    ) -> Result<Tensor> {
         for index in layers {
-            h = self.block(index, h, hooks, path)?;
+            h = self.block(index, h, packing, hooks, path)?;
         }
         Ok(h)
     }

@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::hooks::{Hook, HookPoint};
-use super::layers::{LayerNormWeights, Path, Rotary, RotaryLayout, causal_attention, linear, split_heads};
+use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, RotaryLayout, causal_attention, linear};
+use super::packing::Packing;
 use super::weights::WeightSource;
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
@@ -51,11 +52,10 @@ fn default_eps() -> f64 {
     1e-5
 }
 
+/// One layer; query, key and value projections are stacked into one matrix.
 struct Block {
     ln_1: LayerNormWeights,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    qkv: Tensor,
     out: Tensor,
     fc_in: (Tensor, Tensor),
     fc_out: (Tensor, Tensor),
@@ -106,9 +106,14 @@ impl Gptj {
                 let p = |suffix: &str| format!("transformer.h.{i}.{suffix}");
                 Ok(Block {
                     ln_1: norm(&p("ln_1"))?,
-                    q: get(&p("attn.q_proj.weight"))?,
-                    k: get(&p("attn.k_proj.weight"))?,
-                    v: get(&p("attn.v_proj.weight"))?,
+                    qkv: Tensor::cat(
+                        &[
+                            get(&p("attn.q_proj.weight"))?,
+                            get(&p("attn.k_proj.weight"))?,
+                            get(&p("attn.v_proj.weight"))?,
+                        ],
+                        0,
+                    )?,
                     out: get(&p("attn.out_proj.weight"))?,
                     fc_in: pair(&p("mlp.fc_in"))?,
                     fc_out: pair(&p("mlp.fc_out"))?,
@@ -127,18 +132,20 @@ impl Gptj {
         })
     }
 
-    fn block(&self, index: usize, h: Tensor, hooks: &dyn Hook, path: Path) -> candle_core::Result<Tensor> {
+    fn block(&self, index: usize, h: Tensor, packing: &Packing, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
         let b = &self.blocks[index];
-        let heads = self.config.n_head;
-        let head_dim = self.config.n_embd / heads;
+        let (heads, width) = (self.config.n_head, self.config.n_embd);
+        let shape = AttentionShape { heads, kv_heads: heads, head_dim: width / heads };
         let x = b.ln_1.forward(&h, path)?;
-        let q = self.rotary.apply(&split_heads(&linear(&x, &b.q, None, path)?, heads, head_dim)?, path)?;
-        let k = self.rotary.apply(&split_heads(&linear(&x, &b.k, None, path)?, heads, head_dim)?, path)?;
-        let v = split_heads(&linear(&x, &b.v, None, path)?, heads, head_dim)?;
-        let attention = linear(&causal_attention(&q, &k, &v, path)?, &b.out, None, path)?;
-        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc_in.0, Some(&b.fc_in.1), path)?.gelu()?)?;
-        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.fc_out.0, Some(&b.fc_out.1), path)?)?;
-        hooks.visit(index, HookPoint::BlockOutput, ((h + attention)? + mlp)?)
+        let qkv = linear(&x, &b.qkv, None, path)?;
+        let part = |i: usize| qkv.narrow(1, i * width, width);
+        let context = causal_attention(&part(0)?, &part(1)?, &part(2)?, packing, shape, Some(&self.rotary), path)?;
+        let attention = linear(&context, &b.out, None, path)?;
+        let key = linear(&x, &b.fc_in.0, Some(&b.fc_in.1), path)?.gelu()?;
+        let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
+        let mlp =
+            hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.fc_out.0, Some(&b.fc_out.1), path)?, packing)?;
+        hooks.visit(index, HookPoint::BlockOutput, ((h + attention)? + mlp)?, packing)
     }
 }
 
@@ -153,15 +160,20 @@ impl CausalLm for Gptj {
         }
     }
 
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = input_ids.dims2()?;
-        let flat = self.wte.index_select(&input_ids.flatten_all()?, 0)?;
-        Ok(flat.reshape((batch, tokens, self.config.n_embd))?)
+    fn embed(&self, input_ids: &Tensor, _packing: &Packing) -> Result<Tensor> {
+        Ok(self.wte.index_select(input_ids, 0)?)
     }
 
-    fn run_layers(&self, mut h: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        mut h: Tensor,
+        packing: &Packing,
+        layers: Range<usize>,
+        hooks: &dyn Hook,
+        path: Path,
+    ) -> Result<Tensor> {
         for index in layers {
-            h = self.block(index, h, hooks, path)?;
+            h = self.block(index, h, packing, hooks, path)?;
         }
         Ok(h)
     }

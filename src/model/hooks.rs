@@ -3,13 +3,16 @@
 //! Every architecture calls [`Hook::visit`] at the same three places of each layer: the input of the MLP
 //! down-projection ([`HookPoint::MlpKey`], ROME's key and the knowledge neurons' activations), the MLP output before
 //! it joins the residual stream ([`HookPoint::MlpOutput`], where ROME adds its vector) and the residual stream after
-//! the layer ([`HookPoint::BlockOutput`], where MEMIT optimises). A hook sees the tensor of shape
-//! `(batch, tokens, width)` and returns the tensor the network continues with, so one small trait serves capture,
-//! addition and replacement, in the fast path and the differentiable path alike.
+//! the layer ([`HookPoint::BlockOutput`], where MEMIT optimises). A hook sees the packed activation `(tokens, width)`
+//! with its [`Packing`] (which maps `(sequence, position)` sites to rows) and returns the tensor the network continues
+//! with, so one small trait serves capture, addition and replacement, in the fast and the differentiable path alike.
 
 use std::sync::Mutex;
 
-use candle_core::{Result, Tensor};
+use candle_core::Tensor;
+
+use super::packing::Packing;
+use crate::error::Result;
 
 /// A place in a layer where hooks are called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -22,20 +25,20 @@ pub enum HookPoint {
     BlockOutput,
 }
 
-/// A token of a batch: `(row, position)`.
+/// A token of a batch: `(sequence, position)`.
 pub type Site = (usize, usize);
 
 /// Something that observes or changes activations during a forward pass.
 pub trait Hook {
-    /// Called at `point` of `layer` with the activation `x`; returns what the network continues with.
-    fn visit(&self, layer: usize, point: HookPoint, x: Tensor) -> Result<Tensor>;
+    /// Called at `point` of `layer` with the packed activation `x`; returns what the network continues with.
+    fn visit(&self, layer: usize, point: HookPoint, x: Tensor, packing: &Packing) -> Result<Tensor>;
 }
 
 /// The empty hook: the plain forward pass.
 pub struct NoHooks;
 
 impl Hook for NoHooks {
-    fn visit(&self, _layer: usize, _point: HookPoint, x: Tensor) -> Result<Tensor> {
+    fn visit(&self, _layer: usize, _point: HookPoint, x: Tensor, _packing: &Packing) -> Result<Tensor> {
         Ok(x)
     }
 }
@@ -60,38 +63,22 @@ impl<'a> HookSet<'a> {
 }
 
 impl Hook for HookSet<'_> {
-    fn visit(&self, layer: usize, point: HookPoint, mut x: Tensor) -> Result<Tensor> {
+    fn visit(&self, layer: usize, point: HookPoint, mut x: Tensor, packing: &Packing) -> Result<Tensor> {
         for hook in &self.hooks {
-            x = hook.visit(layer, point, x)?;
+            x = hook.visit(layer, point, x, packing)?;
         }
         Ok(x)
     }
 }
 
-/// Flat row indices `row * tokens + position` of `sites` in a `(batch, tokens, _)` tensor.
-fn flat_indices(x: &Tensor, sites: &[Site]) -> Result<Tensor> {
-    let (batch, tokens, _) = x.dims3()?;
-    let mut flat = Vec::with_capacity(sites.len());
-    for &(row, position) in sites {
-        if row >= batch || position >= tokens {
-            candle_core::bail!("hook site ({row}, {position}) outside a batch of {batch} x {tokens} tokens");
-        }
-        flat.push((row * tokens + position) as u32);
+/// A `(rows, sites)` one-hot matrix that scatters one vector per site into the packed activation.
+fn scatter_matrix(x: &Tensor, packing: &Packing, sites: &[Site]) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    let mut data = vec![0f32; rows * sites.len()];
+    for (column, &site) in sites.iter().enumerate() {
+        data[packing.flat(site)? * sites.len() + column] = 1.0;
     }
-    Tensor::from_vec(flat, sites.len(), x.device())
-}
-
-/// A `(batch * tokens, sites)` one-hot matrix scattering one row per site into the flattened activation.
-fn scatter_matrix(x: &Tensor, sites: &[Site]) -> Result<Tensor> {
-    let (batch, tokens, _) = x.dims3()?;
-    let mut data = vec![0f32; batch * tokens * sites.len()];
-    for (column, &(row, position)) in sites.iter().enumerate() {
-        if row >= batch || position >= tokens {
-            candle_core::bail!("hook site ({row}, {position}) outside a batch of {batch} x {tokens} tokens");
-        }
-        data[(row * tokens + position) * sites.len() + column] = 1.0;
-    }
-    Tensor::from_vec(data, (batch * tokens, sites.len()), x.device())?.to_dtype(x.dtype())
+    Ok(Tensor::from_vec(data, (rows, sites.len()), x.device())?.to_dtype(x.dtype())?)
 }
 
 /// Records the activation at some sites of one layer: the result is `(sites, width)`.
@@ -115,10 +102,9 @@ impl Capture {
 }
 
 impl Hook for Capture {
-    fn visit(&self, layer: usize, point: HookPoint, x: Tensor) -> Result<Tensor> {
+    fn visit(&self, layer: usize, point: HookPoint, x: Tensor, packing: &Packing) -> Result<Tensor> {
         if layer == self.layer && point == self.point {
-            let width = x.dim(2)?;
-            let rows = x.reshape(((), width))?.index_select(&flat_indices(&x, &self.sites)?, 0)?;
+            let rows = x.index_select(&packing.flat_indices(&self.sites, x.device())?, 0)?;
             if let Ok(mut slot) = self.captured.lock() {
                 *slot = Some(rows);
             }
@@ -150,14 +136,13 @@ impl AddAtSites {
 }
 
 impl Hook for AddAtSites {
-    fn visit(&self, layer: usize, point: HookPoint, x: Tensor) -> Result<Tensor> {
+    fn visit(&self, layer: usize, point: HookPoint, x: Tensor, packing: &Packing) -> Result<Tensor> {
         if layer != self.layer || point != self.point || self.sites.is_empty() {
             return Ok(x);
         }
-        let scatter = scatter_matrix(&x, &self.sites)?;
+        let scatter = scatter_matrix(&x, packing, &self.sites)?;
         let added = scatter.matmul(&self.vectors.to_dtype(x.dtype())?.contiguous()?)?;
-        let shape = x.shape().clone();
-        x + added.reshape(shape)?
+        Ok((x + added)?)
     }
 }
 
@@ -177,15 +162,14 @@ impl ReplaceAtSites {
 }
 
 impl Hook for ReplaceAtSites {
-    fn visit(&self, layer: usize, point: HookPoint, x: Tensor) -> Result<Tensor> {
+    fn visit(&self, layer: usize, point: HookPoint, x: Tensor, packing: &Packing) -> Result<Tensor> {
         if layer != self.layer || point != self.point || self.sites.is_empty() {
             return Ok(x);
         }
-        let scatter = scatter_matrix(&x, &self.sites)?;
-        let keep = (1.0 - scatter.sum_keepdim(1)?)?.to_dtype(x.dtype())?;
-        let flat = x.reshape(((), x.dim(2)?))?;
-        let replaced = flat.broadcast_mul(&keep)? + scatter.matmul(&self.values.to_dtype(x.dtype())?.contiguous()?)?;
-        replaced?.reshape(x.shape())
+        let scatter = scatter_matrix(&x, packing, &self.sites)?;
+        let keep = (1.0 - scatter.sum_keepdim(1)?)?;
+        let replaced = x.broadcast_mul(&keep)? + scatter.matmul(&self.values.to_dtype(x.dtype())?.contiguous()?)?;
+        Ok(replaced?)
     }
 }
 
@@ -194,16 +178,19 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn activation() -> Tensor {
-        Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((2, 3, 2)).unwrap()
+    /// Two sequences of three tokens, width two: rows 0..3 are sequence 0, rows 3..6 sequence 1.
+    fn activation() -> (Tensor, Packing) {
+        let x = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((6, 2)).unwrap();
+        (x, Packing::new(&[3, 3], &Device::Cpu).unwrap())
     }
 
     #[test]
     fn capture_takes_the_named_sites() {
         let capture = Capture::new(1, HookPoint::MlpKey, vec![(1, 2), (0, 0)]);
-        capture.visit(0, HookPoint::MlpKey, activation()).unwrap();
+        let (x, packing) = activation();
+        capture.visit(0, HookPoint::MlpKey, x.clone(), &packing).unwrap();
         assert!(capture.take().is_none(), "wrong layer must not capture");
-        capture.visit(1, HookPoint::MlpKey, activation()).unwrap();
+        capture.visit(1, HookPoint::MlpKey, x, &packing).unwrap();
         let rows = capture.take().unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(rows, vec![vec![10.0, 11.0], vec![0.0, 1.0]]);
     }
@@ -212,19 +199,21 @@ mod tests {
     fn add_and_replace_touch_only_their_sites() {
         let v = Tensor::new(&[[100f32, 200.0]], &Device::Cpu).unwrap();
         let add = AddAtSites::new(0, HookPoint::MlpOutput, vec![(0, 1)], v.clone());
-        let out = add.visit(0, HookPoint::MlpOutput, activation()).unwrap().to_vec3::<f32>().unwrap();
-        assert_eq!(out[0][1], vec![102.0, 203.0]);
-        assert_eq!(out[0][0], vec![0.0, 1.0]);
-        assert_eq!(out[1][1], vec![8.0, 9.0]);
+        let (x, packing) = activation();
+        let out = add.visit(0, HookPoint::MlpOutput, x.clone(), &packing).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(out[1], vec![102.0, 203.0]);
+        assert_eq!(out[0], vec![0.0, 1.0]);
+        assert_eq!(out[4], vec![8.0, 9.0]);
         let replace = ReplaceAtSites::new(0, HookPoint::MlpKey, vec![(1, 0)], v);
-        let out = replace.visit(0, HookPoint::MlpKey, activation()).unwrap().to_vec3::<f32>().unwrap();
-        assert_eq!(out[1][0], vec![100.0, 200.0]);
-        assert_eq!(out[1][1], vec![8.0, 9.0]);
+        let out = replace.visit(0, HookPoint::MlpKey, x, &packing).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(out[3], vec![100.0, 200.0]);
+        assert_eq!(out[4], vec![8.0, 9.0]);
     }
 
     #[test]
     fn out_of_range_site_is_an_error() {
         let capture = Capture::new(0, HookPoint::MlpKey, vec![(5, 0)]);
-        assert!(capture.visit(0, HookPoint::MlpKey, activation()).is_err());
+        let (x, packing) = activation();
+        assert!(capture.visit(0, HookPoint::MlpKey, x, &packing).is_err());
     }
 }

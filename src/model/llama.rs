@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use super::gguf::{GgufFile, GgufWeights};
 use super::hooks::{Hook, HookPoint};
-use super::layers::{Path, Rotary, RotaryLayout, causal_attention, linear, rms_norm, split_heads};
+use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, causal_attention, linear, rms_norm};
+use super::packing::Packing;
 use super::weights::WeightSource;
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
@@ -146,15 +147,14 @@ impl LlamaConfig {
     }
 }
 
+/// One decoder layer. Query, key and value projections are stacked into one matrix, and so are gate and up, so
+/// that each takes a single, larger matrix product.
 struct Block {
     input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    qkv: Tensor,
     o: Tensor,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    gate_up: Tensor,
     down: Tensor,
 }
 
@@ -202,15 +202,18 @@ impl Llama {
         let blocks = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
+                let qkv = [
+                    get(p("self_attn.q_proj.weight"))?,
+                    get(p("self_attn.k_proj.weight"))?,
+                    get(p("self_attn.v_proj.weight"))?,
+                ];
+                let gate_up = [get(p("mlp.gate_proj.weight"))?, get(p("mlp.up_proj.weight"))?];
                 Ok(Block {
                     input_norm: get(p("input_layernorm.weight"))?,
-                    q: get(p("self_attn.q_proj.weight"))?,
-                    k: get(p("self_attn.k_proj.weight"))?,
-                    v: get(p("self_attn.v_proj.weight"))?,
+                    qkv: Tensor::cat(&qkv, 0)?,
                     o: get(p("self_attn.o_proj.weight"))?,
                     post_norm: get(p("post_attention_layernorm.weight"))?,
-                    gate: get(p("mlp.gate_proj.weight"))?,
-                    up: get(p("mlp.up_proj.weight"))?,
+                    gate_up: Tensor::cat(&gate_up, 0)?,
                     down: get(p("mlp.down_proj.weight"))?,
                 })
             })
@@ -232,23 +235,32 @@ impl Llama {
         Ok(Llama { norm: get("model.norm.weight".to_string())?, embed, blocks, lm_head, rotary, config })
     }
 
-    fn block(&self, index: usize, h: Tensor, hooks: &dyn Hook, path: Path) -> candle_core::Result<Tensor> {
+    fn block(&self, index: usize, h: Tensor, packing: &Packing, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
         let c = &self.config;
         let b = &self.blocks[index];
         let eps = c.rms_norm_eps;
-        let x = rms_norm(&h, &b.input_norm, eps, path)?;
-        let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let q = self.rotary.apply(&split_heads(&linear(&x, &b.q, None, path)?, heads, head_dim)?, path)?;
-        let k = self.rotary.apply(&split_heads(&linear(&x, &b.k, None, path)?, kv_heads, head_dim)?, path)?;
-        let v = split_heads(&linear(&x, &b.v, None, path)?, kv_heads, head_dim)?;
-        let attention = linear(&causal_attention(&q, &k, &v, path)?, &b.o, None, path)?;
-        let h = (h + attention)?;
-        let x = rms_norm(&h, &b.post_norm, eps, path)?;
-        let gate = candle_nn::Activation::Silu.forward(&linear(&x, &b.gate, None, path)?)?;
-        let key = (gate * linear(&x, &b.up, None, path)?)?;
-        let key = hooks.visit(index, HookPoint::MlpKey, key)?;
-        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?)?;
-        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?)
+        let shape = AttentionShape { heads: c.num_attention_heads, kv_heads: c.kv_heads(), head_dim: c.head_dim() };
+        let (q_width, kv_width) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let qkv = linear(&rms_norm(&h, &b.input_norm, eps, path)?, &b.qkv, None, path)?;
+        let (q, k, v) = (
+            qkv.narrow(1, 0, q_width)?,
+            qkv.narrow(1, q_width, kv_width)?,
+            qkv.narrow(1, q_width + kv_width, kv_width)?,
+        );
+        let context = causal_attention(&q, &k, &v, packing, shape, Some(&self.rotary), path)?;
+        let h = (h + linear(&context, &b.o, None, path)?)?;
+        let gate_up = linear(&rms_norm(&h, &b.post_norm, eps, path)?, &b.gate_up, None, path)?;
+        let width = c.intermediate_size;
+        let key = match path {
+            Path::Fast => super::fast_exp::silu_mul_fast(&gate_up, width)?,
+            Path::Differentiable => {
+                (candle_nn::Activation::Silu.forward(&gate_up.narrow(1, 0, width)?)?
+                    * gate_up.narrow(1, width, width)?)?
+            }
+        };
+        let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?, packing)?;
+        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
     }
 }
 
@@ -263,15 +275,20 @@ impl CausalLm for Llama {
         }
     }
 
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (batch, tokens) = input_ids.dims2()?;
-        let flat = self.embed.index_select(&input_ids.flatten_all()?, 0)?;
-        Ok(flat.reshape((batch, tokens, self.config.hidden_size))?)
+    fn embed(&self, input_ids: &Tensor, _packing: &Packing) -> Result<Tensor> {
+        Ok(self.embed.index_select(input_ids, 0)?)
     }
 
-    fn run_layers(&self, mut h: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+    fn run_layers(
+        &self,
+        mut h: Tensor,
+        packing: &Packing,
+        layers: Range<usize>,
+        hooks: &dyn Hook,
+        path: Path,
+    ) -> Result<Tensor> {
         for index in layers {
-            h = self.block(index, h, hooks, path)?;
+            h = self.block(index, h, packing, hooks, path)?;
         }
         Ok(h)
     }

@@ -4,7 +4,8 @@
 //! a network with its tokenizer and offers what editing methods need: hidden states under hooks (fast or
 //! differentiable), logits at chosen tokens, and weight overrides `W → W + ΔW` that restore `W` exactly.
 
-pub mod batch;
+pub mod attention_cpu;
+pub mod fast_exp;
 pub mod frozen;
 pub mod gguf;
 pub mod gpt2;
@@ -12,6 +13,7 @@ pub mod gptj;
 pub mod hooks;
 pub mod layers;
 pub mod llama;
+pub mod packing;
 pub mod tokenizer;
 pub mod weights;
 
@@ -22,6 +24,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use hooks::{AddAtSites, Capture, Hook, HookPoint, HookSet, NoHooks, ReplaceAtSites, Site};
 pub use layers::Path;
+pub use packing::{PackedBatch, Packing};
 
 use crate::error::{Error, Result};
 use crate::registry::Registry;
@@ -77,10 +80,17 @@ fn check_same_shape(current: &Tensor, new: &Tensor, id: WeightId) -> Result<()> 
 pub trait CausalLm: Send + Sync {
     /// Sizes.
     fn dims(&self) -> ModelDims;
-    /// Token (and, where the architecture has them, position) embeddings of `(batch, tokens)` ids.
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor>;
-    /// Runs `layers` on the residual stream `(batch, tokens, hidden)`, calling `hooks` at every hook point.
-    fn run_layers(&self, hidden: Tensor, layers: Range<usize>, hooks: &dyn Hook, path: Path) -> Result<Tensor>;
+    /// Token (and, where the architecture has them, position) embeddings of packed `(rows,)` ids → `(rows, hidden)`.
+    fn embed(&self, input_ids: &Tensor, packing: &Packing) -> Result<Tensor>;
+    /// Runs `layers` on the packed residual stream `(rows, hidden)`, calling `hooks` at every hook point.
+    fn run_layers(
+        &self,
+        hidden: Tensor,
+        packing: &Packing,
+        layers: Range<usize>,
+        hooks: &dyn Hook,
+        path: Path,
+    ) -> Result<Tensor>;
     /// Final norm and output projection of residual rows `(n, hidden)` → logits `(n, vocab)`.
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
     /// The current value of a weight.
@@ -227,27 +237,44 @@ impl LoadedModel {
         tokenizer::encode_plain(&self.tokenizer, text)
     }
 
-    /// Residual stream after all layers, `(batch, tokens, hidden)`, for right-padded `(batch, tokens)` ids.
-    pub fn hidden_states(&self, input_ids: &Tensor, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
-        let embedded = self.network.embed(input_ids)?;
-        self.network.run_layers(embedded, 0..self.dims().layers, hooks, path)
+    /// Packs token sequences into a batch on this model's device.
+    pub fn batch(&self, sequences: &[&[u32]]) -> Result<PackedBatch> {
+        PackedBatch::new(sequences, &self.device)
     }
 
-    /// Logits `(sites, vocab)` at the given `(row, position)` sites of a hidden-state tensor.
-    pub fn logits_at(&self, hidden: &Tensor, sites: &[Site], path: Path) -> Result<Tensor> {
-        let (_, tokens, width) = hidden.dims3()?;
-        let flat: Vec<u32> = sites.iter().map(|&(row, position)| (row * tokens + position) as u32).collect();
-        let index = Tensor::from_vec(flat, sites.len(), hidden.device())?;
-        let rows = hidden.reshape(((), width))?.index_select(&index, 0)?;
+    /// Packed residual stream after all layers, `(rows, hidden)`.
+    pub fn hidden_states(&self, batch: &PackedBatch, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+        let embedded = self.network.embed(&batch.ids, &batch.packing)?;
+        self.network.run_layers(embedded, &batch.packing, 0..self.dims().layers, hooks, path)
+    }
+
+    /// Embeddings of a packed batch, `(rows, hidden)`.
+    pub fn embed(&self, batch: &PackedBatch) -> Result<Tensor> {
+        self.network.embed(&batch.ids, &batch.packing)
+    }
+
+    /// Runs `layers` on a packed residual stream (e.g. to reuse the layers below an edit across optimisation steps).
+    pub fn run_layers(
+        &self,
+        hidden: Tensor,
+        batch: &PackedBatch,
+        layers: Range<usize>,
+        hooks: &dyn Hook,
+        path: Path,
+    ) -> Result<Tensor> {
+        self.network.run_layers(hidden, &batch.packing, layers, hooks, path)
+    }
+
+    /// Logits `(sites, vocab)` at `(sequence, position)` sites of a packed hidden state.
+    pub fn logits_at(&self, hidden: &Tensor, packing: &Packing, sites: &[Site], path: Path) -> Result<Tensor> {
+        let rows = hidden.index_select(&packing.flat_indices(sites, hidden.device())?, 0)?;
         self.network.logits(&rows, path)
     }
 
-    /// Logits `(batch, tokens, vocab)` for every position (tests and small inputs).
-    pub fn all_logits(&self, input_ids: &Tensor, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, hooks, path)?;
-        let (batch, tokens, width) = hidden.dims3()?;
-        let logits = self.network.logits(&hidden.reshape((batch * tokens, width))?, path)?;
-        Ok(logits.reshape((batch, tokens, ()))?)
+    /// Logits `(rows, vocab)` at every packed token (tests and small inputs).
+    pub fn all_logits(&self, batch: &PackedBatch, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+        let hidden = self.hidden_states(batch, hooks, path)?;
+        self.network.logits(&hidden, path)
     }
 
     /// Overrides a weight with `W + ΔW`; the backup restores `W` bit for bit.

@@ -25,8 +25,13 @@ fn assert_close(name: &str, ours: &Tensor, theirs: &Tensor) {
     assert!(diff <= TOLERANCE, "{name}: max |ours - reference| = {diff:e} > {TOLERANCE:e}");
 }
 
-fn input_ids(golden: &HashMap<String, Tensor>) -> Tensor {
-    golden["input_ids"].to_dtype(DType::U32).unwrap()
+fn input_rows(golden: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
+    golden["input_ids"].to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()
+}
+
+/// Packed `(rows, width)` output back to the golden `(batch, tokens, width)` layout (all rows of equal length).
+fn unpack(x: &Tensor, batch: usize, tokens: usize) -> Tensor {
+    x.reshape((batch, tokens, ())).unwrap()
 }
 
 fn all_sites(batch: usize, tokens: usize) -> Vec<Site> {
@@ -36,8 +41,10 @@ fn all_sites(batch: usize, tokens: usize) -> Vec<Site> {
 fn check_architecture(arch: &str, weights_file: &str) {
     let golden = golden(arch);
     let mut model = fixture_model(arch, weights_file, DType::F32);
-    let ids = input_ids(&golden);
-    let (batch, tokens) = ids.dims2().unwrap();
+    let rows = input_rows(&golden);
+    let (batch, tokens) = (rows.len(), rows[0].len());
+    let sequences: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let ids = model.batch(&sequences).unwrap();
     let points =
         [("mlp_key", HookPoint::MlpKey), ("mlp_out", HookPoint::MlpOutput), ("block_out", HookPoint::BlockOutput)];
     let captures: Vec<(String, Capture)> = (0..model.dims().layers)
@@ -51,34 +58,53 @@ fn check_architecture(arch: &str, weights_file: &str) {
     for (_, capture) in &captures {
         hooks = hooks.with(capture);
     }
-    let logits = model.all_logits(&ids, &hooks, Path::Fast).unwrap();
+    let logits = unpack(&model.all_logits(&ids, &hooks, Path::Fast).unwrap(), batch, tokens);
     assert_close(&format!("{arch} logits"), &logits, &golden["logits"]);
     for (name, capture) in &captures {
         let captured = capture.take().unwrap_or_else(|| panic!("{name} not captured"));
-        let captured = captured.reshape((batch, tokens, ())).unwrap();
-        assert_close(&format!("{arch} {name}"), &captured, &golden[name.as_str()]);
+        assert_close(&format!("{arch} {name}"), &unpack(&captured, batch, tokens), &golden[name.as_str()]);
     }
 
-    let differentiable = model.all_logits(&ids, &NoHooks, Path::Differentiable).unwrap();
+    let differentiable = unpack(&model.all_logits(&ids, &NoHooks, Path::Differentiable).unwrap(), batch, tokens);
     assert_close(&format!("{arch} logits (differentiable path)"), &differentiable, &golden["logits"]);
 
     let add = AddAtSites::same(1, HookPoint::MlpOutput, vec![(0, 3)], &golden["added_vector"]).unwrap();
-    let added = model.all_logits(&ids, &add, Path::Fast).unwrap();
-    assert_close(
-        &format!("{arch} logits with a vector added at layer 1's MLP output"),
-        &added,
-        &golden["logits_added"],
-    );
+    for path in [Path::Fast, Path::Differentiable] {
+        let added = unpack(&model.all_logits(&ids, &add, path).unwrap(), batch, tokens);
+        let name = format!("{arch} logits with a vector added at layer 1's MLP output ({path:?})");
+        assert_close(&name, &added, &golden["logits_added"]);
+    }
 
     let before = model.network.weight(WeightId::MlpDown(0)).unwrap();
     let backup = model.apply_delta(WeightId::MlpDown(0), &golden["delta_out_in"]).unwrap();
-    let edited = model.all_logits(&ids, &NoHooks, Path::Fast).unwrap();
+    let edited = unpack(&model.all_logits(&ids, &NoHooks, Path::Fast).unwrap(), batch, tokens);
     assert_close(&format!("{arch} logits with W + ΔW"), &edited, &golden["logits_delta"]);
     model.restore(backup).unwrap();
     let after = model.network.weight(WeightId::MlpDown(0)).unwrap();
     assert_eq!(max_abs_diff(&before, &after), 0.0, "{arch}: restore must give W back bit for bit");
-    let restored = model.all_logits(&ids, &NoHooks, Path::Fast).unwrap();
+    let restored = unpack(&model.all_logits(&ids, &NoHooks, Path::Fast).unwrap(), batch, tokens);
     assert_eq!(max_abs_diff(&restored, &logits), 0.0, "{arch}: logits after restore must equal the originals");
+
+    check_ragged_batch(arch, &model, &rows, &golden["logits"]);
+}
+
+/// Sequences of different lengths in one packed batch: each keeps the logits it has alone (causal prefixes of the
+/// golden rows), on both paths.
+fn check_ragged_batch(arch: &str, model: &LoadedModel, rows: &[Vec<u32>], golden_logits: &Tensor) {
+    let lengths = [7usize, 3, 5];
+    let sources = [0usize, 1, 0];
+    let sequences: Vec<&[u32]> = sources.iter().zip(lengths).map(|(&s, l)| &rows[s][..l]).collect();
+    let batch = model.batch(&sequences).unwrap();
+    for path in [Path::Fast, Path::Differentiable] {
+        let logits = model.all_logits(&batch, &NoHooks, path).unwrap();
+        let mut offset = 0;
+        for (&source, length) in sources.iter().zip(lengths) {
+            let ours = logits.narrow(0, offset, length).unwrap();
+            let theirs = golden_logits.get(source).unwrap().narrow(0, 0, length).unwrap();
+            assert_close(&format!("{arch} ragged batch, sequence of {length} ({path:?})"), &ours, &theirs);
+            offset += length;
+        }
+    }
 }
 
 #[test]

@@ -16,9 +16,9 @@ fn loss(
     path: Path,
 ) -> Tensor {
     let hook = AddAtSites::same(layer, HookPoint::MlpOutput, vec![(0, site_position)], delta).unwrap();
-    let input = Tensor::new(&ids[..target], &model.device).unwrap().unsqueeze(0).unwrap();
-    let hidden = model.hidden_states(&input, &hook, path).unwrap();
-    let logits = model.logits_at(&hidden, &[(0, target - 1)], path).unwrap();
+    let batch = model.batch(&[&ids[..target]]).unwrap();
+    let hidden = model.hidden_states(&batch, &hook, path).unwrap();
+    let logits = model.logits_at(&hidden, &batch.packing, &[(0, target - 1)], path).unwrap();
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     log_probs.get(0).unwrap().get(ids[target] as usize).unwrap().neg().unwrap()
 }
