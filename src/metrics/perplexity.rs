@@ -65,7 +65,7 @@ pub struct PerplexityOptions {
 
 impl Default for PerplexityOptions {
     fn default() -> Self {
-        PerplexityOptions { token_budget: 2048, logit_rows: 1024 }
+        PerplexityOptions { token_budget: 4096, logit_rows: 1024 }
     }
 }
 

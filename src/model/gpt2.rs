@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::hooks::{Hook, HookPoint};
 use super::layers::{AttentionShape, LayerNormWeights, Path, causal_attention, linear};
 use super::packing::Packing;
-use super::weights::WeightSource;
+use super::weights::{WeightSource, load_layers};
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
 
@@ -130,18 +130,16 @@ impl Gpt2 {
                 eps: config.layer_norm_epsilon,
             })
         };
-        let blocks = (0..config.n_layer)
-            .map(|i| {
-                Ok(Block {
-                    ln_1: norm(&format!("h.{i}.ln_1"))?,
-                    attn_qkv: conv(&format!("h.{i}.attn.c_attn"))?,
-                    attn_proj: conv(&format!("h.{i}.attn.c_proj"))?,
-                    ln_2: norm(&format!("h.{i}.ln_2"))?,
-                    fc: conv(&format!("h.{i}.mlp.c_fc"))?,
-                    proj: conv(&format!("h.{i}.mlp.c_proj"))?,
-                })
+        let blocks = load_layers(config.n_layer, |i| {
+            Ok(Block {
+                ln_1: norm(&format!("h.{i}.ln_1"))?,
+                attn_qkv: conv(&format!("h.{i}.attn.c_attn"))?,
+                attn_proj: conv(&format!("h.{i}.attn.c_proj"))?,
+                ln_2: norm(&format!("h.{i}.ln_2"))?,
+                fc: conv(&format!("h.{i}.mlp.c_fc"))?,
+                proj: conv(&format!("h.{i}.mlp.c_proj"))?,
             })
-            .collect::<Result<Vec<_>>>()?;
+        })?;
         Ok(Gpt2 { wte: get("wte.weight")?, wpe: get("wpe.weight")?, ln_f: norm("ln_f")?, blocks, config })
     }
 

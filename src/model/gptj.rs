@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::hooks::{Hook, HookPoint};
 use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, RotaryLayout, causal_attention, linear};
 use super::packing::Packing;
-use super::weights::WeightSource;
+use super::weights::{WeightSource, load_layers};
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
 
@@ -101,25 +101,19 @@ impl Gptj {
             let (weight, bias) = pair(name)?;
             Ok(LayerNormWeights { weight, bias, eps: config.layer_norm_epsilon })
         };
-        let blocks = (0..config.n_layer)
-            .map(|i| {
-                let p = |suffix: &str| format!("transformer.h.{i}.{suffix}");
-                Ok(Block {
-                    ln_1: norm(&p("ln_1"))?,
-                    qkv: Tensor::cat(
-                        &[
-                            get(&p("attn.q_proj.weight"))?,
-                            get(&p("attn.k_proj.weight"))?,
-                            get(&p("attn.v_proj.weight"))?,
-                        ],
-                        0,
-                    )?,
-                    out: get(&p("attn.out_proj.weight"))?,
-                    fc_in: pair(&p("mlp.fc_in"))?,
-                    fc_out: pair(&p("mlp.fc_out"))?,
-                })
+        let blocks = load_layers(config.n_layer, |i| {
+            let p = |suffix: &str| format!("transformer.h.{i}.{suffix}");
+            Ok(Block {
+                ln_1: norm(&p("ln_1"))?,
+                qkv: Tensor::cat(
+                    &[get(&p("attn.q_proj.weight"))?, get(&p("attn.k_proj.weight"))?, get(&p("attn.v_proj.weight"))?],
+                    0,
+                )?,
+                out: get(&p("attn.out_proj.weight"))?,
+                fc_in: pair(&p("mlp.fc_in"))?,
+                fc_out: pair(&p("mlp.fc_out"))?,
             })
-            .collect::<Result<Vec<_>>>()?;
+        })?;
         let rotary =
             Rotary::new(config.rotary_dim, 10_000.0, config.n_positions, RotaryLayout::Interleaved, dtype, device)?;
         Ok(Gptj {

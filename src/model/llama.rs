@@ -14,7 +14,7 @@ use super::gguf::{GgufFile, GgufWeights};
 use super::hooks::{Hook, HookPoint};
 use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, causal_attention, linear, rms_norm};
 use super::packing::Packing;
-use super::weights::WeightSource;
+use super::weights::{WeightSource, load_layers};
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
 
@@ -199,25 +199,23 @@ impl Llama {
         config.normalise_rope(origin)?;
         config.check(origin)?;
         let get = |name: String| weights.get(&name, dtype, device);
-        let blocks = (0..config.num_hidden_layers)
-            .map(|i| {
-                let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
-                let qkv = [
-                    get(p("self_attn.q_proj.weight"))?,
-                    get(p("self_attn.k_proj.weight"))?,
-                    get(p("self_attn.v_proj.weight"))?,
-                ];
-                let gate_up = [get(p("mlp.gate_proj.weight"))?, get(p("mlp.up_proj.weight"))?];
-                Ok(Block {
-                    input_norm: get(p("input_layernorm.weight"))?,
-                    qkv: Tensor::cat(&qkv, 0)?,
-                    o: get(p("self_attn.o_proj.weight"))?,
-                    post_norm: get(p("post_attention_layernorm.weight"))?,
-                    gate_up: Tensor::cat(&gate_up, 0)?,
-                    down: get(p("mlp.down_proj.weight"))?,
-                })
+        let blocks = load_layers(config.num_hidden_layers, |i| {
+            let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
+            let qkv = [
+                get(p("self_attn.q_proj.weight"))?,
+                get(p("self_attn.k_proj.weight"))?,
+                get(p("self_attn.v_proj.weight"))?,
+            ];
+            let gate_up = [get(p("mlp.gate_proj.weight"))?, get(p("mlp.up_proj.weight"))?];
+            Ok(Block {
+                input_norm: get(p("input_layernorm.weight"))?,
+                qkv: Tensor::cat(&qkv, 0)?,
+                o: get(p("self_attn.o_proj.weight"))?,
+                post_norm: get(p("post_attention_layernorm.weight"))?,
+                gate_up: Tensor::cat(&gate_up, 0)?,
+                down: get(p("mlp.down_proj.weight"))?,
             })
-            .collect::<Result<Vec<_>>>()?;
+        })?;
         let embed = get("model.embed_tokens.weight".to_string())?;
         let lm_head = if config.tie_word_embeddings || !weights.contains("lm_head.weight") {
             embed.clone()

@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Tensors by Hugging Face name.
-pub trait WeightSource {
+/// Tensors by Hugging Face name. Sources are shared across threads: layers load (and dequantise) in parallel.
+pub trait WeightSource: Sync {
     /// The tensor `name`, converted to `dtype` on `device`.
     fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
     /// True when the source holds `name`.
@@ -60,4 +60,23 @@ impl WeightSource for SafetensorsWeights {
     fn describe(&self) -> String {
         self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// Builds `count` layers with `load(index)`, spread over the available cores (dequantising GGUF weights is the
+/// bulk of loading a model).
+pub fn load_layers<T: Send>(count: usize, load: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, count.max(1));
+    let mut slots: Vec<Option<Result<T>>> = (0..count).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        for (worker, chunk) in slots.chunks_mut(count.div_ceil(threads).max(1)).enumerate() {
+            let load = &load;
+            let first = worker * count.div_ceil(threads).max(1);
+            scope.spawn(move || {
+                for (offset, slot) in chunk.iter_mut().enumerate() {
+                    *slot = Some(load(first + offset));
+                }
+            });
+        }
+    });
+    slots.into_iter().map(|slot| slot.expect("every layer slot is filled")).collect()
 }
