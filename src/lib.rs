@@ -9,7 +9,9 @@
 //! - [`model`] owns the forward pass: one file per architecture behind the hookable [`model::CausalLm`] trait, GGUF
 //!   and safetensors loading, tokenizers, and [`model::LoadedModel`] with weight override and exact restore.
 //! - [`data`] finds and reads datasets (`../shared/data` or the Hub).
-//! - [`metrics`] measures a model: perplexity in the Butterfly-effect paper's convention.
+//! - [`methods`] are the editing methods (ROME, r-ROME, …) behind the `EditMethod` trait, with their second-moment
+//!   statistics, context templates and target optimisation.
+//! - [`metrics`] measures a model: perplexity in the Butterfly-effect paper's convention, and edit quality.
 //! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory.
 //! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
 //! - [`error`] is the library's error type, naming file, field and remedy.
@@ -18,6 +20,7 @@ pub mod bench;
 pub mod cache;
 pub mod data;
 pub mod error;
+pub mod methods;
 pub mod metrics;
 pub mod model;
 pub mod registry;

@@ -5,6 +5,7 @@
 //! with network access can instead name a file of a Hub dataset repository as `hf://<owner>/<repo>/<path>`, fetched
 //! with hf-hub into its usual cache.
 
+pub mod counterfact;
 pub mod me_ppl;
 
 use std::path::{Path, PathBuf};

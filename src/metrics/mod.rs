@@ -1,3 +1,4 @@
 //! Measurements of a (possibly edited) model.
 
+pub mod edit_quality;
 pub mod perplexity;

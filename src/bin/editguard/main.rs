@@ -1,4 +1,6 @@
-//! The `editguard` command line: list and fetch models, measure perplexity, benchmark.
+//! The `editguard` command line: list and fetch models, measure perplexity, edit, collect statistics, benchmark.
+
+mod edit;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,6 +50,20 @@ enum Command {
         /// Upper bound on padded tokens per forward pass.
         #[arg(long, default_value_t = PerplexityOptions::default().token_budget)]
         token_budget: usize,
+    },
+    /// Apply edits with a method; report edit quality, perplexity before/after, ‖ΔW‖ and seconds per edit.
+    Edit(edit::EditArgs),
+    /// Collect (and cache) second-moment statistics of MLP keys.
+    Stats {
+        /// Model id (default: the registry's default model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Layers, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        layers: Vec<usize>,
+        /// Sentences of ME-PPL minus ME-PPL_1k to use (0: all).
+        #[arg(long, default_value_t = 0)]
+        n: usize,
     },
     /// Measure load time, perplexity throughput, gradient-step time and peak memory.
     Bench {
@@ -143,6 +159,30 @@ fn main() -> Result<()> {
                     "seconds          {:.2} ({:.0} tokens/s)",
                     report.seconds,
                     report.tokens as f64 / report.seconds
+                );
+            }
+        }
+        Command::Edit(args) => {
+            let id = model_or_default(args.model_id());
+            let model = load(&registry, &id)?;
+            edit::run(args, &registry, cli.data_dir.clone(), model)?;
+        }
+        Command::Stats { model, layers, n } => {
+            let id = model_or_default(model);
+            let model = load(&registry, &id)?;
+            let corpus = editguard::methods::stats::StatsCorpus::default_for(cli.data_dir.as_deref(), n)?;
+            let bar = ProgressBar::new(0).with_style(
+                ProgressStyle::with_template("statistics {bar:30} {pos}/{len} tokens ({per_sec}, eta {eta})")
+                    .expect("valid template"),
+            );
+            let moments = editguard::methods::stats::second_moments(&model, &layers, &corpus, Some(&bar));
+            bar.finish_and_clear();
+            for moment in moments? {
+                let rows = moment.matrix.to_vec2::<f64>()?;
+                let trace: f64 = rows.iter().enumerate().map(|(i, row)| row[i]).sum();
+                println!(
+                    "layer {:>3}: {} tokens of {}, trace(C) = {trace:.4}",
+                    moment.layer, moment.tokens, corpus.name
                 );
             }
         }

@@ -1,0 +1,115 @@
+//! Context templates: short generated prefixes that ROME and MEMIT put before a prompt, so that keys and target
+//! vectors are averaged over contexts instead of fitted to one string.
+//!
+//! Two styles are supported. `easyedit` (the default) starts generation from each of "The", "Therefore",
+//! "Because", "I", "You" (n/5 samples per word) and removes braces from the text; `kmeng01` starts every sample
+//! from the end-of-text token, as the original ROME code does. Each generated text `x` becomes the template
+//! `"x. {}"`; the list starts with the bare `"{}"`. Sampling is top-k (k = 5) with candle-transformers'
+//! `LogitsProcessor` and a fixed seed, so the same seed gives the same templates. `length` counts the tokens of the
+//! whole generated text, start word included (the references' `max_out_len`).
+
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{LoadedModel, NoHooks, Path};
+
+/// Where generation starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateStyle {
+    /// From "The", "Therefore", "Because", "I", "You".
+    #[default]
+    Easyedit,
+    /// From the end-of-text token.
+    Kmeng01,
+}
+
+/// How many templates of which length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateParams {
+    /// Style.
+    #[serde(default)]
+    pub style: TemplateStyle,
+    /// `[length, count]` pairs, e.g. `[[5, 10], [10, 10]]`.
+    pub lengths: Vec<[usize; 2]>,
+    /// Sampling seed.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Top-k of the sampler.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_seed() -> u64 {
+    0
+}
+fn default_top_k() -> usize {
+    5
+}
+
+/// The start words of the `easyedit` style.
+pub const START_WORDS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
+
+/// Generates `["{}", "x₁. {}", …]`.
+pub fn context_templates(model: &LoadedModel, params: &TemplateParams) -> Result<Vec<String>> {
+    let mut sampler = LogitsProcessor::from_sampling(params.seed, Sampling::TopK { k: params.top_k, temperature: 1.0 });
+    let mut templates = vec!["{}".to_string()];
+    for &[length, count] in &params.lengths {
+        let starts: Vec<(Vec<u32>, usize)> = match params.style {
+            TemplateStyle::Easyedit => {
+                let per_word = count / START_WORDS.len();
+                START_WORDS.iter().map(|w| Ok((model.encode(w)?, per_word))).collect::<Result<_>>()?
+            }
+            TemplateStyle::Kmeng01 => vec![(vec![end_of_text(model)?], count)],
+        };
+        for (start, samples) in starts {
+            for text in generate(model, &start, length, samples, &mut sampler)? {
+                let text = match params.style {
+                    TemplateStyle::Easyedit => text.replace(['{', '}'], ""),
+                    TemplateStyle::Kmeng01 => text.replace("\n\n", " "),
+                };
+                templates.push(format!("{}. {{}}", text.trim_end()));
+            }
+        }
+    }
+    Ok(templates)
+}
+
+fn end_of_text(model: &LoadedModel) -> Result<u32> {
+    ["<|endoftext|>", "</s>", "<|im_end|>"]
+        .iter()
+        .find_map(|t| model.tokenizer.token_to_id(t))
+        .ok_or_else(|| Error::Tokenizer("no end-of-text token for the kmeng01 template style".into()))
+}
+
+/// `samples` continuations of `start` up to `length` tokens in total, decoded without special tokens.
+fn generate(
+    model: &LoadedModel,
+    start: &[u32],
+    length: usize,
+    samples: usize,
+    sampler: &mut LogitsProcessor,
+) -> Result<Vec<String>> {
+    if samples == 0 {
+        return Ok(Vec::new());
+    }
+    let mut rows: Vec<Vec<u32>> = vec![start.to_vec(); samples];
+    while rows[0].len() < length.max(start.len() + 1) {
+        let views: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let batch = model.batch(&views)?;
+        let hidden = model.hidden_states(&batch, &NoHooks, Path::Fast)?;
+        let sites: Vec<(usize, usize)> = rows.iter().enumerate().map(|(i, r)| (i, r.len() - 1)).collect();
+        let logits = model.logits_at(&hidden, &batch.packing, &sites, Path::Fast)?;
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.push(sampler.sample(&logits.get(i)?)?);
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let skip = if model.tokenizer.id_to_token(row[0]).is_some_and(|t| t.starts_with("<|")) { 1 } else { 0 };
+            model.tokenizer.decode(&row[skip..], true).map_err(|e| Error::Tokenizer(e.to_string()))
+        })
+        .collect()
+}
