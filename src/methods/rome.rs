@@ -185,7 +185,9 @@ impl Rome {
                 format!("expected the last layer ({}) and an edit layer below it", dims.layers - 1),
             ));
         }
+        let started = std::time::Instant::now();
         let templates = self.templates(model)?;
+        let templates_seconds = started.elapsed().as_secs_f64();
         let observed = keys_and_outputs(model, request, &templates, layer)?;
         let mean_key = observed.keys.to_dtype(DType::F64)?.mean(0)?;
         let u = if self.params.mom2_adjustment {
@@ -196,8 +198,17 @@ impl Rome {
             mean_key.clone()
         };
         let u = (&u / l2_norm(&u)?)?;
+        let keys_seconds = started.elapsed().as_secs_f64() - templates_seconds;
         let optimized =
             optimize_target(model, request, &templates, layer, HookPoint::MlpOutput, &self.target_params())?;
+        if std::env::var_os("EDITGUARD_TRACE").is_some() {
+            let total = started.elapsed().as_secs_f64();
+            let steps = optimized.losses.len();
+            eprintln!(
+                "{}: templates {templates_seconds:.2}s, keys {keys_seconds:.2}s, total {total:.2}s, {steps} steps",
+                self.name
+            );
+        }
         let target = optimized.target()?.to_dtype(DType::F64)?;
         let (key, output) = match self.key {
             KeyChoice::Unprefixed => {

@@ -8,7 +8,9 @@
 //! the unedited distribution, and `v₀` (the unedited activation at the bare prompt's subject token) scales the decay
 //! term. After each step δ is projected onto the ball of radius `clamp_norm_factor · ‖v₀‖`. The loop stops when the
 //! loss falls below `early_stop_loss` (5e-2) or at the last step, which, as in the references, computes the loss but
-//! takes no step. The layers below the edited one cannot depend on δ: they run once, on the fast path.
+//! takes no step. Nothing before the subject's last token, and no layer below the edited one, can depend on δ: those
+//! are computed once on the fast path, and each step recomputes only the edited layer and above for the tokens from
+//! the subject on, reading the earlier tokens' keys and values from a prefix cache (`model/prefix.rs`).
 //!
 //! One deviation: rewriting prompts are built by appending the target's token ids to the prompt's ids, where the
 //! references append decoded text and re-tokenise; the two agree unless the tokenizer would merge across the seam.
@@ -21,7 +23,9 @@ use super::l2_norm;
 use super::request::EditRequest;
 use super::subject::SubjectPrompt;
 use crate::error::{Error, Result, ensure_finite};
-use crate::model::{AddAtSites, Capture, HookPoint, HookSet, LoadedModel, NoHooks, PackedBatch, Path, Site};
+use crate::model::{
+    AddAtSites, Capture, HookPoint, HookSet, KvMode, KvRecorder, LoadedModel, NoHooks, PackedBatch, Packing, Path, Site,
+};
 
 /// Hyper-parameters of the optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +124,19 @@ fn rewriting_batch(model: &LoadedModel, request: &EditRequest, templates: &[Stri
     })
 }
 
+/// The packing of each sequence's tokens from `starts[i]` on, and those rows of the packed `hidden` state.
+fn suffix_rows(packing: &Packing, starts: &[usize], hidden: &Tensor) -> Result<(Packing, Tensor)> {
+    let mut rows = Vec::new();
+    let mut offset = 0;
+    for (&length, &start) in packing.lengths().iter().zip(starts) {
+        rows.extend((offset + start..offset + length).map(|r| r as u32));
+        offset += length;
+    }
+    let lengths: Vec<usize> = packing.lengths().iter().zip(starts).map(|(l, s)| l - s).collect();
+    let index = Tensor::from_vec(rows, lengths.iter().sum::<usize>(), hidden.device())?;
+    Ok((Packing::new(&lengths, hidden.device())?, hidden.index_select(&index, 0)?))
+}
+
 /// Optimises the vector added at `point` of `layer` so that the model predicts the request's new target.
 /// `templates[0]` must be the bare `"{}"` (its row defines `v₀`).
 pub fn optimize_target(
@@ -135,9 +152,17 @@ pub fn optimize_target(
     let batch = &prepared.batch;
     let below = model.run_layers(model.embed(batch)?, batch, 0..layer, &NoHooks, Path::Fast)?;
 
-    // Unedited pass: v₀ and the KL reference distribution.
+    // Unedited pass over the whole batch: v₀, the KL reference distribution, and every layer's keys and values.
     let capture = Capture::new(layer, point, vec![prepared.inject[0]]);
-    let hidden = model.run_layers(below.clone(), batch, layer..layers, &capture, Path::Fast)?;
+    let recorder = KvRecorder::default();
+    let hidden = model.run_layers_kv(
+        below.clone(),
+        &batch.packing,
+        layer..layers,
+        &capture,
+        Path::Fast,
+        KvMode::Record(&recorder),
+    )?;
     let initial = capture.take().ok_or_else(|| Error::invalid("(rome)", "hook", "v₀ was not captured"))?.squeeze(0)?;
     let kl_reference = candle_nn::ops::log_softmax(
         &model.logits_at(&hidden, &batch.packing, &[prepared.kl_site], Path::Fast)?,
@@ -147,30 +172,40 @@ pub fn optimize_target(
     let initial_norm = l2_norm(&initial)?;
     let max_norm = params.clamp_norm_factor * initial_norm;
 
+    // From here on only the tokens from each row's subject on are recomputed.
+    let starts: Vec<usize> = prepared.inject.iter().map(|&(_, position)| position).collect();
+    let cache = model.prefix_cache(recorder, &batch.packing, &starts)?;
+    let (suffix, suffix_below) = suffix_rows(&batch.packing, &starts, &below)?;
+    let shift = |(row, position): Site| (row, position - starts[row]);
+    let inject: Vec<Site> = prepared.inject.iter().map(|&s| shift(s)).collect();
+    let kl_site = shift(prepared.kl_site);
+
     let delta = Var::zeros(initial.dim(0)?, initial.dtype(), &model.device)?;
     let mut optimizer = AdamW::new(
         vec![delta.clone()],
         ParamsAdamW { lr: params.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
     )?;
-    let target_sites: Vec<Site> = prepared.targets.iter().map(|(s, _)| *s).collect();
+    let target_sites: Vec<Site> = prepared.targets.iter().map(|(s, _)| shift(*s)).collect();
     let labels: Vec<u32> = prepared.targets.iter().map(|(_, t)| *t).collect();
     let labels = Tensor::from_vec(labels, (target_sites.len(), 1), &model.device)?;
     let mut losses = Vec::new();
     let trace = std::env::var_os("EDITGUARD_TRACE").is_some();
     for step in 0..params.steps {
         let started = std::time::Instant::now();
-        let add = AddAtSites::same(layer, point, prepared.inject.clone(), delta.as_tensor())?;
+        let add = AddAtSites::same(layer, point, inject.clone(), delta.as_tensor())?;
         let hooks = HookSet::new().with(&add);
-        let hidden = model.run_layers(below.clone(), batch, layer..layers, &hooks, Path::Differentiable)?;
+        let kv = KvMode::Prefix(&cache);
+        let hidden =
+            model.run_layers_kv(suffix_below.clone(), &suffix, layer..layers, &hooks, Path::Differentiable, kv)?;
         let forward_seconds = started.elapsed().as_secs_f64();
         let log_probs = candle_nn::ops::log_softmax(
-            &model.logits_at(&hidden, &batch.packing, &target_sites, Path::Differentiable)?,
+            &model.logits_at(&hidden, &suffix, &target_sites, Path::Differentiable)?,
             D::Minus1,
         )?;
         let picked = log_probs.gather(&labels, 1)?.reshape((prepared.prompts, prepared.target_len))?;
         let nll = (picked.sum(1)?.neg()? / prepared.target_len as f64)?.mean(0)?;
         let kl_new = candle_nn::ops::log_softmax(
-            &model.logits_at(&hidden, &batch.packing, &[prepared.kl_site], Path::Differentiable)?,
+            &model.logits_at(&hidden, &suffix, &[kl_site], Path::Differentiable)?,
             D::Minus1,
         )?;
         let kl = ((kl_new.exp()? * (&kl_new - &kl_reference)?)?.sum_all()? * params.kl_factor)?;

@@ -57,21 +57,20 @@ pub fn context_templates(model: &LoadedModel, params: &TemplateParams) -> Result
     let mut sampler = LogitsProcessor::from_sampling(params.seed, Sampling::TopK { k: params.top_k, temperature: 1.0 });
     let mut templates = vec!["{}".to_string()];
     for &[length, count] in &params.lengths {
-        let starts: Vec<(Vec<u32>, usize)> = match params.style {
+        let starts: Vec<Vec<u32>> = match params.style {
             TemplateStyle::Easyedit => {
                 let per_word = count / START_WORDS.len();
-                START_WORDS.iter().map(|w| Ok((model.encode(w)?, per_word))).collect::<Result<_>>()?
+                let words = START_WORDS.iter().map(|w| model.encode(w)).collect::<Result<Vec<_>>>()?;
+                words.into_iter().flat_map(|w| std::iter::repeat_n(w, per_word)).collect()
             }
-            TemplateStyle::Kmeng01 => vec![(vec![end_of_text(model)?], count)],
+            TemplateStyle::Kmeng01 => vec![vec![end_of_text(model)?]; count],
         };
-        for (start, samples) in starts {
-            for text in generate(model, &start, length, samples, &mut sampler)? {
-                let text = match params.style {
-                    TemplateStyle::Easyedit => text.replace(['{', '}'], ""),
-                    TemplateStyle::Kmeng01 => text.replace("\n\n", " "),
-                };
-                templates.push(format!("{}. {{}}", text.trim_end()));
-            }
+        for text in generate(model, starts, length, &mut sampler)? {
+            let text = match params.style {
+                TemplateStyle::Easyedit => text.replace(['{', '}'], ""),
+                TemplateStyle::Kmeng01 => text.replace("\n\n", " "),
+            };
+            templates.push(format!("{}. {{}}", text.trim_end()));
         }
     }
     Ok(templates)
@@ -84,31 +83,33 @@ fn end_of_text(model: &LoadedModel) -> Result<u32> {
         .ok_or_else(|| Error::Tokenizer("no end-of-text token for the kmeng01 template style".into()))
 }
 
-/// `samples` continuations of `start` up to `length` tokens in total, decoded without special tokens.
+/// Continues every row until it holds `length` tokens (at least one new token), all rows in one batch per step,
+/// and decodes the results without special tokens.
 fn generate(
     model: &LoadedModel,
-    start: &[u32],
+    mut rows: Vec<Vec<u32>>,
     length: usize,
-    samples: usize,
     sampler: &mut LogitsProcessor,
 ) -> Result<Vec<String>> {
-    if samples == 0 {
-        return Ok(Vec::new());
-    }
-    let mut rows: Vec<Vec<u32>> = vec![start.to_vec(); samples];
-    while rows[0].len() < length.max(start.len() + 1) {
-        let views: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let targets: Vec<usize> = rows.iter().map(|r| length.max(r.len() + 1)).collect();
+    loop {
+        let open: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].len() < targets[i]).collect();
+        if open.is_empty() {
+            break;
+        }
+        let views: Vec<&[u32]> = open.iter().map(|&i| rows[i].as_slice()).collect();
         let batch = model.batch(&views)?;
         let hidden = model.hidden_states(&batch, &NoHooks, Path::Fast)?;
-        let sites: Vec<(usize, usize)> = rows.iter().enumerate().map(|(i, r)| (i, r.len() - 1)).collect();
+        let sites: Vec<(usize, usize)> = views.iter().enumerate().map(|(i, r)| (i, r.len() - 1)).collect();
         let logits = model.logits_at(&hidden, &batch.packing, &sites, Path::Fast)?;
-        for (i, row) in rows.iter_mut().enumerate() {
-            row.push(sampler.sample(&logits.get(i)?)?);
+        for (slot, &row) in open.iter().enumerate() {
+            let token = sampler.sample(&logits.get(slot)?)?;
+            rows[row].push(token);
         }
     }
     rows.iter()
         .map(|row| {
-            let skip = if model.tokenizer.id_to_token(row[0]).is_some_and(|t| t.starts_with("<|")) { 1 } else { 0 };
+            let skip = usize::from(model.tokenizer.id_to_token(row[0]).is_some_and(|t| t.starts_with("<|")));
             model.tokenizer.decode(&row[skip..], true).map_err(|e| Error::Tokenizer(e.to_string()))
         })
         .collect()

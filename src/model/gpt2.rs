@@ -11,8 +11,9 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::hooks::{Hook, HookPoint};
-use super::layers::{AttentionShape, LayerNormWeights, Path, causal_attention, linear};
+use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, linear};
 use super::packing::Packing;
+use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
@@ -143,13 +144,26 @@ impl Gpt2 {
         Ok(Gpt2 { wte: get("wte.weight")?, wpe: get("wpe.weight")?, ln_f: norm("ln_f")?, blocks, config })
     }
 
-    fn block(&self, index: usize, h: Tensor, packing: &Packing, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+    fn attention_shape(&self) -> AttentionShape {
+        let heads = self.config.n_head;
+        AttentionShape { heads, kv_heads: heads, head_dim: self.config.n_embd / heads }
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        h: Tensor,
+        packing: &Packing,
+        hooks: &dyn Hook,
+        path: Path,
+        kv: KvMode,
+    ) -> Result<Tensor> {
         let b = &self.blocks[index];
-        let (heads, width) = (self.config.n_head, self.config.n_embd);
-        let shape = AttentionShape { heads, kv_heads: heads, head_dim: width / heads };
+        let width = self.config.n_embd;
+        let shape = self.attention_shape();
         let qkv = linear(&b.ln_1.forward(&h, path)?, &b.attn_qkv.0, Some(&b.attn_qkv.1), path)?;
         let part = |i: usize| qkv.narrow(D::Minus1, i * width, width);
-        let context = causal_attention(&part(0)?, &part(1)?, &part(2)?, packing, shape, None, path)?;
+        let context = attention(index, &part(0)?, &part(1)?, &part(2)?, packing, shape, None, path, kv)?;
         let h = (h + linear(&context, &b.attn_proj.0, Some(&b.attn_proj.1), path)?)?;
         let x = b.ln_2.forward(&h, path)?;
         let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc.0, Some(&b.fc.1), path)?.gelu()?, packing)?;
@@ -185,11 +199,16 @@ impl CausalLm for Gpt2 {
         layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
+        kv: KvMode,
     ) -> Result<Tensor> {
         for index in layers {
-            h = self.block(index, h, packing, hooks, path)?;
+            h = self.block(index, h, packing, hooks, path, kv)?;
         }
         Ok(h)
+    }
+
+    fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
+        (self.attention_shape(), None)
     }
 
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {

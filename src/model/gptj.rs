@@ -10,8 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::hooks::{Hook, HookPoint};
-use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, RotaryLayout, causal_attention, linear};
+use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, RotaryLayout, linear};
 use super::packing::Packing;
+use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
@@ -126,14 +127,27 @@ impl Gptj {
         })
     }
 
-    fn block(&self, index: usize, h: Tensor, packing: &Packing, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+    fn attention_shape(&self) -> AttentionShape {
+        let heads = self.config.n_head;
+        AttentionShape { heads, kv_heads: heads, head_dim: self.config.n_embd / heads }
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        h: Tensor,
+        packing: &Packing,
+        hooks: &dyn Hook,
+        path: Path,
+        kv: KvMode,
+    ) -> Result<Tensor> {
         let b = &self.blocks[index];
-        let (heads, width) = (self.config.n_head, self.config.n_embd);
-        let shape = AttentionShape { heads, kv_heads: heads, head_dim: width / heads };
+        let width = self.config.n_embd;
+        let shape = self.attention_shape();
         let x = b.ln_1.forward(&h, path)?;
         let qkv = linear(&x, &b.qkv, None, path)?;
         let part = |i: usize| qkv.narrow(1, i * width, width);
-        let context = causal_attention(&part(0)?, &part(1)?, &part(2)?, packing, shape, Some(&self.rotary), path)?;
+        let context = attention(index, &part(0)?, &part(1)?, &part(2)?, packing, shape, Some(&self.rotary), path, kv)?;
         let attention = linear(&context, &b.out, None, path)?;
         let key = linear(&x, &b.fc_in.0, Some(&b.fc_in.1), path)?.gelu()?;
         let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
@@ -165,11 +179,16 @@ impl CausalLm for Gptj {
         layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
+        kv: KvMode,
     ) -> Result<Tensor> {
         for index in layers {
-            h = self.block(index, h, packing, hooks, path)?;
+            h = self.block(index, h, packing, hooks, path, kv)?;
         }
         Ok(h)
+    }
+
+    fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
+        (self.attention_shape(), Some(&self.rotary))
     }
 
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {

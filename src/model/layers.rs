@@ -132,6 +132,38 @@ impl Rotary {
         }
     }
 
+    /// Rotates packed rows `x: (rows, heads·head_dim)`, row `r` at `positions[r]`, with composed (differentiable)
+    /// operations.
+    pub fn apply_at_rows(&self, x: &Tensor, positions: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let half = self.rotary_dim / 2;
+        let cos = self.cos.index_select(positions, 0)?.reshape((rows, 1, half))?;
+        let sin = self.sin.index_select(positions, 0)?.reshape((rows, 1, half))?;
+        let x = x.reshape((rows, heads, head_dim))?;
+        let rotating = x.narrow(2, 0, self.rotary_dim)?;
+        let rotated = match self.layout {
+            RotaryLayout::HalfSplit => {
+                let (a, b) = (rotating.narrow(2, 0, half)?, rotating.narrow(2, half, half)?);
+                let first = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+                let second = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
+                Tensor::cat(&[first, second], 2)?
+            }
+            RotaryLayout::Interleaved => {
+                let pairs = rotating.reshape((rows, heads, half, 2))?;
+                let (a, b) = (pairs.narrow(3, 0, 1)?.squeeze(3)?, pairs.narrow(3, 1, 1)?.squeeze(3)?);
+                let first = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
+                let second = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
+                Tensor::stack(&[first, second], 3)?.reshape((rows, heads, self.rotary_dim))?
+            }
+        };
+        let rotated = if self.rotary_dim < head_dim {
+            Tensor::cat(&[rotated, x.narrow(2, self.rotary_dim, head_dim - self.rotary_dim)?], 2)?
+        } else {
+            rotated
+        };
+        rotated.reshape((rows, heads * head_dim))
+    }
+
     /// Rotates `x: (batch, heads, tokens, head_dim)` for positions `0..tokens`.
     pub fn apply(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         let (_, _, tokens, head_dim) = x.dims4()?;

@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 use super::gguf::{GgufFile, GgufWeights};
 use super::hooks::{Hook, HookPoint};
-use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, causal_attention, linear, rms_norm};
+use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, linear, rms_norm};
 use super::packing::Packing;
+use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
 use super::{Architecture, CausalLm, ModelDims, WeightId};
 use crate::error::{Error, Result};
@@ -233,11 +234,24 @@ impl Llama {
         Ok(Llama { norm: get("model.norm.weight".to_string())?, embed, blocks, lm_head, rotary, config })
     }
 
-    fn block(&self, index: usize, h: Tensor, packing: &Packing, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
+    fn attention_shape(&self) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape { heads: c.num_attention_heads, kv_heads: c.kv_heads(), head_dim: c.head_dim() }
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        h: Tensor,
+        packing: &Packing,
+        hooks: &dyn Hook,
+        path: Path,
+        kv: KvMode,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let b = &self.blocks[index];
         let eps = c.rms_norm_eps;
-        let shape = AttentionShape { heads: c.num_attention_heads, kv_heads: c.kv_heads(), head_dim: c.head_dim() };
+        let shape = self.attention_shape();
         let (q_width, kv_width) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
         let qkv = linear(&rms_norm(&h, &b.input_norm, eps, path)?, &b.qkv, None, path)?;
         let (q, k, v) = (
@@ -245,7 +259,7 @@ impl Llama {
             qkv.narrow(1, q_width, kv_width)?,
             qkv.narrow(1, q_width + kv_width, kv_width)?,
         );
-        let context = causal_attention(&q, &k, &v, packing, shape, Some(&self.rotary), path)?;
+        let context = attention(index, &q, &k, &v, packing, shape, Some(&self.rotary), path, kv)?;
         let h = (h + linear(&context, &b.o, None, path)?)?;
         let gate_up = linear(&rms_norm(&h, &b.post_norm, eps, path)?, &b.gate_up, None, path)?;
         let width = c.intermediate_size;
@@ -284,11 +298,16 @@ impl CausalLm for Llama {
         layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
+        kv: KvMode,
     ) -> Result<Tensor> {
         for index in layers {
-            h = self.block(index, h, packing, hooks, path)?;
+            h = self.block(index, h, packing, hooks, path, kv)?;
         }
         Ok(h)
+    }
+
+    fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
+        (self.attention_shape(), Some(&self.rotary))
     }
 
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {

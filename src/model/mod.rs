@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod layers;
 pub mod llama;
 pub mod packing;
+pub mod prefix;
 pub mod tokenizer;
 pub mod weights;
 
@@ -25,6 +26,7 @@ use candle_core::{DType, Device, Tensor};
 pub use hooks::{AddAtSites, Capture, Hook, HookPoint, HookSet, NoHooks, ReplaceAtSites, Site};
 pub use layers::Path;
 pub use packing::{PackedBatch, Packing};
+pub use prefix::{KvMode, KvRecorder, PrefixCache};
 
 use crate::error::{Error, Result};
 use crate::registry::Registry;
@@ -82,7 +84,8 @@ pub trait CausalLm: Send + Sync {
     fn dims(&self) -> ModelDims;
     /// Token (and, where the architecture has them, position) embeddings of packed `(rows,)` ids → `(rows, hidden)`.
     fn embed(&self, input_ids: &Tensor, packing: &Packing) -> Result<Tensor>;
-    /// Runs `layers` on the packed residual stream `(rows, hidden)`, calling `hooks` at every hook point.
+    /// Runs `layers` on the packed residual stream `(rows, hidden)`, calling `hooks` at every hook point; `kv` says
+    /// whether attention records keys and values or reads a cached prefix.
     fn run_layers(
         &self,
         hidden: Tensor,
@@ -90,7 +93,10 @@ pub trait CausalLm: Send + Sync {
         layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
+        kv: KvMode,
     ) -> Result<Tensor>;
+    /// The attention shape and rotary embedding, for building prefix caches.
+    fn attention_layout(&self) -> (layers::AttentionShape, Option<&layers::Rotary>);
     /// Final norm and output projection of residual rows `(n, hidden)` → logits `(n, vocab)`.
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
     /// The current value of a weight.
@@ -251,7 +257,7 @@ impl LoadedModel {
     /// Packed residual stream after all layers, `(rows, hidden)`.
     pub fn hidden_states(&self, batch: &PackedBatch, hooks: &dyn Hook, path: Path) -> Result<Tensor> {
         let embedded = self.network.embed(&batch.ids, &batch.packing)?;
-        self.network.run_layers(embedded, &batch.packing, 0..self.dims().layers, hooks, path)
+        self.network.run_layers(embedded, &batch.packing, 0..self.dims().layers, hooks, path, KvMode::Plain)
     }
 
     /// Embeddings of a packed batch, `(rows, hidden)`.
@@ -268,7 +274,26 @@ impl LoadedModel {
         hooks: &dyn Hook,
         path: Path,
     ) -> Result<Tensor> {
-        self.network.run_layers(hidden, &batch.packing, layers, hooks, path)
+        self.network.run_layers(hidden, &batch.packing, layers, hooks, path, KvMode::Plain)
+    }
+
+    /// Like [`run_layers`](Self::run_layers) with an explicit key/value mode (recording, or a cached prefix).
+    pub fn run_layers_kv(
+        &self,
+        hidden: Tensor,
+        packing: &Packing,
+        layers: Range<usize>,
+        hooks: &dyn Hook,
+        path: Path,
+        kv: KvMode,
+    ) -> Result<Tensor> {
+        self.network.run_layers(hidden, packing, layers, hooks, path, kv)
+    }
+
+    /// Keeps the keys and values before `starts[i]` of every sequence of `packing` from a recorded pass.
+    pub fn prefix_cache(&self, recorder: KvRecorder, packing: &Packing, starts: &[usize]) -> Result<PrefixCache> {
+        let (shape, rotary) = self.network.attention_layout();
+        PrefixCache::new(recorder, packing, starts, shape, rotary)
     }
 
     /// Logits `(sites, vocab)` at `(sequence, position)` sites of a packed hidden state.

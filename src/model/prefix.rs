@@ -1,0 +1,212 @@
+//! Reusing the keys and values of a constant prefix, so that an optimisation recomputes only the tokens it affects.
+//!
+//! ROME and MEMIT add their vector at the subject's last token; every earlier token of a prompt is the same at every
+//! optimisation step. [`KvMode::Record`] records each layer's keys and values during one plain (fast) pass;
+//! [`PrefixCache::new`] keeps, for every sequence, the rows before its own start position (keys rotated for their
+//! positions); later passes run with [`KvMode::Prefix`] on the remaining tokens only, whose attention reads the cached
+//! prefix before their own keys. The results equal a full pass (tested); the work per step shrinks to the tokens from
+//! the subject on, typically a fifth of the batch.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::layers::{AttentionShape, Path, Rotary, causal_attention, softmax_last};
+use super::packing::Packing;
+use crate::error::{Error, Result};
+
+/// How a pass treats attention keys and values.
+#[derive(Clone, Copy, Default)]
+pub enum KvMode<'a> {
+    /// Ordinary attention over the batch.
+    #[default]
+    Plain,
+    /// Ordinary attention, recording every layer's (unrotated) keys and values.
+    Record(&'a KvRecorder),
+    /// The batch holds only each sequence's tokens from its start on; earlier keys and values come from the cache.
+    Prefix(&'a PrefixCache),
+}
+
+/// Keys and values recorded per layer during a [`KvMode::Record`] pass.
+#[derive(Default)]
+pub struct KvRecorder {
+    layers: Mutex<Vec<(usize, Tensor, Tensor)>>,
+}
+
+impl KvRecorder {
+    fn push(&self, layer: usize, k: &Tensor, v: &Tensor) {
+        if let Ok(mut layers) = self.layers.lock() {
+            layers.push((layer, k.detach(), v.detach()));
+        }
+    }
+}
+
+/// Each sequence's keys (rotated) and values before its start position, per layer.
+pub struct PrefixCache {
+    starts: Vec<usize>,
+    layers: Vec<(usize, Tensor, Tensor)>,
+    shape: AttentionShape,
+}
+
+impl PrefixCache {
+    /// Keeps the rows before `starts[i]` of sequence `i` from a recorded full pass over `packing`.
+    pub fn new(
+        recorder: KvRecorder,
+        packing: &Packing,
+        starts: &[usize],
+        shape: AttentionShape,
+        rotary: Option<&Rotary>,
+    ) -> Result<Self> {
+        if starts.len() != packing.batch() || starts.iter().zip(packing.lengths()).any(|(s, l)| s >= l) {
+            return Err(Error::invalid("(prefix cache)", "starts", "one start per sequence, inside the sequence"));
+        }
+        let device = packing.positions().device().clone();
+        let mut rows = Vec::new();
+        let mut offset = 0;
+        for (&length, &start) in packing.lengths().iter().zip(starts) {
+            rows.extend((offset..offset + start).map(|r| r as u32));
+            offset += length;
+        }
+        let prefix_rows = Tensor::from_vec(rows, starts.iter().sum::<usize>(), &device)?;
+        let recorded =
+            recorder.layers.into_inner().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
+        let mut layers = Vec::with_capacity(recorded.len());
+        for (layer, k, v) in recorded {
+            let (k, v) =
+                (k.contiguous()?.index_select(&prefix_rows, 0)?, v.contiguous()?.index_select(&prefix_rows, 0)?);
+            let k = match rotary {
+                Some(rotary) => rotate_prefix(&k, starts, shape, rotary)?,
+                None => k,
+            };
+            layers.push((layer, k, v));
+        }
+        Ok(PrefixCache { starts: starts.to_vec(), layers, shape })
+    }
+
+    /// The start position of every sequence.
+    pub fn starts(&self) -> &[usize] {
+        &self.starts
+    }
+
+    fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        self.layers
+            .iter()
+            .find(|(l, _, _)| *l == layer)
+            .map(|(_, k, v)| (k, v))
+            .ok_or_else(|| Error::invalid("(prefix cache)", "layer", format!("layer {layer} was not recorded")))
+    }
+}
+
+/// Rotates packed prefix keys for positions `0..start` of each sequence.
+fn rotate_prefix(k: &Tensor, starts: &[usize], shape: AttentionShape, rotary: &Rotary) -> Result<Tensor> {
+    let positions: Vec<u32> = starts.iter().flat_map(|&s| 0..s as u32).collect();
+    if positions.is_empty() {
+        return Ok(k.clone());
+    }
+    let positions = Tensor::from_vec(positions, k.dim(0)?, k.device())?;
+    Ok(rotary.apply_at_rows(k, &positions, shape.kv_heads, shape.head_dim)?)
+}
+
+/// Attention for layer `layer` in the given mode; see [`causal_attention`] for the plain case.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    packing: &Packing,
+    shape: AttentionShape,
+    rotary: Option<&Rotary>,
+    path: Path,
+    mode: KvMode,
+) -> Result<Tensor> {
+    match mode {
+        KvMode::Plain => Ok(causal_attention(q, k, v, packing, shape, rotary, path)?),
+        KvMode::Record(recorder) => {
+            recorder.push(layer, k, v);
+            Ok(causal_attention(q, k, v, packing, shape, rotary, path)?)
+        }
+        KvMode::Prefix(cache) => prefix_attention(layer, q, k, v, packing, cache, rotary, path),
+    }
+}
+
+/// Attention of the tokens from each sequence's start on, over the cached prefix and themselves (composed,
+/// differentiable operations).
+#[allow(clippy::too_many_arguments)]
+fn prefix_attention(
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    packing: &Packing,
+    cache: &PrefixCache,
+    rotary: Option<&Rotary>,
+    path: Path,
+) -> Result<Tensor> {
+    let AttentionShape { heads, kv_heads, head_dim } = cache.shape;
+    let (prefix_k, prefix_v) = cache.layer(layer)?;
+    let starts = &cache.starts;
+    let device = q.device();
+    let positions: Vec<u32> =
+        starts.iter().zip(packing.lengths()).flat_map(|(&s, &l)| s as u32..(s + l) as u32).collect();
+    let positions = Tensor::from_vec(positions, packing.rows(), device)?;
+    let (q, k) = match rotary {
+        Some(rotary) => (
+            rotary.apply_at_rows(q, &positions, heads, head_dim)?,
+            rotary.apply_at_rows(k, &positions, kv_heads, head_dim)?,
+        ),
+        None => (q.clone(), k.clone()),
+    };
+    // Full key/value rows per sequence: its prefix rows, then its own rows.
+    let prefix_rows = prefix_k.dim(0)?;
+    let batch = packing.batch();
+    let totals: Vec<usize> = starts.iter().zip(packing.lengths()).map(|(s, l)| s + l).collect();
+    let longest_total = *totals.iter().max().unwrap_or(&1);
+    let longest_query = packing.longest();
+    let mut key_index = Vec::with_capacity(batch * longest_total);
+    let (mut prefix_offset, mut own_offset) = (0usize, 0usize);
+    for (&start, &length) in starts.iter().zip(packing.lengths()) {
+        for j in 0..longest_total {
+            let index = if j < start {
+                prefix_offset + j
+            } else if j < start + length {
+                prefix_rows + own_offset + (j - start)
+            } else {
+                prefix_rows + own_offset + length - 1
+            };
+            key_index.push(index as u32);
+        }
+        prefix_offset += start;
+        own_offset += length;
+    }
+    let key_index = Tensor::from_vec(key_index, batch * longest_total, device)?;
+    let gather = |prefix: &Tensor, own: &Tensor| -> Result<Tensor> {
+        let all = Tensor::cat(&[prefix, &own.contiguous()?], 0)?;
+        Ok(all
+            .index_select(&key_index, 0)?
+            .reshape((batch, longest_total, kv_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let (k, v) = (gather(prefix_k, &k)?, gather(prefix_v, v)?);
+    let repeat = heads / kv_heads;
+    let k = candle_transformers::utils::repeat_kv(k, repeat)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v, repeat)?.contiguous()?;
+    let q = packing.pad(&q)?.reshape((batch, longest_query, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+    let mask = prefix_mask(starts, longest_query, longest_total, scores.dtype(), device)?;
+    let weights = softmax_last(&scores.broadcast_add(&mask)?, path)?;
+    let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, longest_query, heads * head_dim))?;
+    Ok(packing.unpad(&context)?)
+}
+
+/// `(batch, 1, queries, keys)` additive mask: query `i` of a sequence starting at `s` sees keys `0..=s + i`.
+fn prefix_mask(starts: &[usize], queries: usize, keys: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut mask = Vec::with_capacity(starts.len() * queries * keys);
+    for &start in starts {
+        for i in 0..queries {
+            mask.extend((0..keys).map(|j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }));
+        }
+    }
+    Ok(Tensor::from_vec(mask, (starts.len(), 1, queries, keys), device)?.to_dtype(dtype)?)
+}
