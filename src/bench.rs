@@ -3,7 +3,7 @@
 //! Speed and memory are measured here, never asserted in timed tests. Figures: model load time (including fetch from
 //! the cache and dequantisation), tokens/s of batched ME-PPL_50 perplexity, seconds per forward + backward step through
 //! the differentiable path for a short prompt with a vector injected at an MLP output (the inner loop of ROME), and
-//! the process's peak resident memory.
+//! the seconds per edit of each editing method, and the process's peak resident memory.
 
 use std::time::Instant;
 
@@ -33,15 +33,39 @@ pub struct BenchReport {
     pub step_prompt_tokens: usize,
     /// Seconds per forward + backward step (median of the repeats).
     pub step_seconds: f64,
+    /// Seconds per edit for each method with hyper-parameters for this model: (method, first edit including context
+    /// template generation, a second edit with the templates cached).
+    pub edit_seconds: Vec<(String, f64, f64)>,
     /// Peak resident memory of the process in MiB, where the OS reports it.
     pub peak_memory_mib: Option<f64>,
     /// Logical CPUs seen.
     pub cpus: usize,
 }
 
-/// Runs the benchmark on a loaded model.
+/// Times one method: two edits of COUNTERFACT case 0 with the same method instance, undone after each.
+pub fn edit_seconds(model: &mut LoadedModel, registry: &crate::registry::Registry, method: &str) -> Result<(f64, f64)> {
+    let method = crate::methods::build_method(registry, &model.id, method)?;
+    let request = crate::methods::EditRequest::from_text(
+        "0",
+        "The mother tongue of Danielle Darrieux is",
+        "Danielle Darrieux",
+        "English",
+    )?;
+    let env = crate::methods::EditEnv::default();
+    let mut seconds = Vec::new();
+    for _ in 0..2 {
+        let edit = method.apply(model, std::slice::from_ref(&request), &env)?;
+        seconds.push(edit.seconds);
+        edit.undo(model)?;
+    }
+    Ok((seconds[0], seconds[1]))
+}
+
+/// Runs the benchmark on a loaded model; `methods` are timed with their models.toml hyper-parameters.
 pub fn run(
-    model: &LoadedModel,
+    model: &mut LoadedModel,
+    registry: &crate::registry::Registry,
+    methods: &[String],
     sentences: &[String],
     repeats: usize,
     options: PerplexityOptions,
@@ -50,7 +74,7 @@ pub fn run(
     let mut best = f64::INFINITY;
     let mut report = None;
     for _ in 0..repeats {
-        let r = perplexity(model, sentences, options, None)?;
+        let r = perplexity(&*model, sentences, options, None)?;
         best = best.min(r.seconds);
         report = Some(r);
     }
@@ -59,9 +83,14 @@ pub fn run(
     let prompt: Vec<u32> = prompt.into_iter().take(10).collect();
     let mut steps = Vec::new();
     for _ in 0..repeats.max(3) {
-        steps.push(gradient_step(model, &prompt)?);
+        steps.push(gradient_step(&*model, &prompt)?);
     }
     steps.sort_by(f64::total_cmp);
+    let mut edit_times = Vec::new();
+    for method in methods {
+        let (first, second) = edit_seconds(model, registry, method)?;
+        edit_times.push((method.clone(), first, second));
+    }
     Ok(BenchReport {
         model: model.id.clone(),
         load_seconds: model.load_seconds,
@@ -71,6 +100,7 @@ pub fn run(
         ppl_mean: report.mean_sentence_ppl,
         step_prompt_tokens: prompt.len(),
         step_seconds: steps[steps.len() / 2],
+        edit_seconds: edit_times,
         peak_memory_mib: peak_memory_mib(),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     })

@@ -7,6 +7,7 @@
 //! one row in [`METHODS`].
 
 pub mod linalg;
+pub mod memit;
 pub mod request;
 pub mod rome;
 pub mod stats;
@@ -145,7 +146,7 @@ pub struct MethodEntry {
 }
 
 /// The method table: adding a method is one file plus one row here (and its hyper-parameters in models.toml).
-pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME];
+pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT];
 
 /// Looks a method up by name.
 pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {

@@ -172,3 +172,8 @@ fn rome_flips_a_known_fact_and_keeps_perplexity() {
 fn r_rome_flips_a_known_fact_and_keeps_perplexity() {
     edit_known_fact("r-rome");
 }
+
+#[test]
+fn memit_flips_a_known_fact_and_keeps_perplexity() {
+    edit_known_fact("memit");
+}

@@ -79,6 +79,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Editing methods to time (default: every method with hyper-parameters for the model; `none` for none).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
     },
 }
 
@@ -186,13 +189,18 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::Bench { model, repeats, token_budget, json } => {
+        Command::Bench { model, repeats, token_budget, json, methods } => {
             let id = model_or_default(model);
             let sentences = Corpus::MePpl50.load(cli.data_dir.as_deref())?;
-            let model = load(&registry, &id)?;
+            let mut model = load(&registry, &id)?;
+            let methods: Vec<String> = match methods.as_slice() {
+                [] => registry.get(&id)?.methods.keys().cloned().collect(),
+                [none] if none == "none" => Vec::new(),
+                given => given.to_vec(),
+            };
             let bar = spinner("benchmarking".to_string());
             let options = PerplexityOptions { token_budget, ..PerplexityOptions::default() };
-            let report = editguard::bench::run(&model, &sentences, repeats, options);
+            let report = editguard::bench::run(&mut model, &registry, &methods, &sentences, repeats, options);
             bar.finish_and_clear();
             let report = report?;
             if json {
@@ -208,6 +216,9 @@ fn main() -> Result<()> {
                     "fwd+bwd step          {:.3} s ({}-token prompt, differentiable path)",
                     report.step_seconds, report.step_prompt_tokens
                 );
+                for (method, first, second) in &report.edit_seconds {
+                    println!("{method:<21} {first:.2} s first edit (with context templates), {second:.2} s next edit");
+                }
                 match report.peak_memory_mib {
                     Some(mib) => println!("peak memory           {mib:.0} MiB"),
                     None => println!("peak memory           (not reported by this OS)"),
