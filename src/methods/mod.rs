@@ -6,6 +6,7 @@
 //! own struct so a misspelt or mistyped field is reported with its dotted path. Adding a method is one file here and
 //! one row in [`METHODS`].
 
+pub mod ft;
 pub mod linalg;
 pub mod memit;
 pub mod request;
@@ -146,7 +147,7 @@ pub struct MethodEntry {
 }
 
 /// The method table: adding a method is one file plus one row here (and its hyper-parameters in models.toml).
-pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT];
+pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT, ft::FT_L_INF, ft::FT];
 
 /// Looks a method up by name.
 pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {

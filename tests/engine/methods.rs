@@ -177,3 +177,32 @@ fn r_rome_flips_a_known_fact_and_keeps_perplexity() {
 fn memit_flips_a_known_fact_and_keeps_perplexity() {
     edit_known_fact("memit");
 }
+
+#[test]
+fn ft_l_inf_flips_a_known_fact_and_keeps_perplexity() {
+    edit_known_fact("ft-l-inf");
+}
+
+#[test]
+fn ft_flips_a_known_fact_and_keeps_perplexity() {
+    edit_known_fact("ft");
+}
+
+#[test]
+fn ft_l_inf_stays_inside_its_box() {
+    let mut model = fixture_model("llama", "model.safetensors", DType::F32);
+    let params: toml::Table = toml::from_str(
+        "layers = [0]\nlr = 0.05\nnum_steps = 10\nbatch_size = 4\nnorm_constraint = 1e-3\nobjective_optimization = \"target_new\"",
+    )
+    .unwrap();
+    let method = (method_entry("ft-l-inf").unwrap().build)(&params, "test: ft").unwrap();
+    let edit = method.apply(&mut model, &[tiny_request()], &EditEnv::default()).unwrap();
+    let largest = max_abs(&edit.changes[0].delta);
+    assert!(largest > 0.0 && largest <= 1e-3 + 1e-7, "|ΔW|∞ = {largest:e} must be within ε = 1e-3");
+    let mut unconstrained = params.clone();
+    unconstrained.remove("norm_constraint");
+    assert!((method_entry("ft-l-inf").unwrap().build)(&unconstrained, "test: ft").is_err(), "ft-l-inf needs ε");
+    let ft = (method_entry("ft").unwrap().build)(&unconstrained, "test: ft").unwrap();
+    let free = ft.apply(&mut model, &[tiny_request()], &EditEnv::default()).unwrap();
+    assert!(max_abs(&free.changes[0].delta) > 1e-3, "unconstrained FT leaves the box");
+}
