@@ -7,6 +7,7 @@
 //! one row in [`METHODS`].
 
 pub mod ft;
+pub mod kn;
 pub mod linalg;
 pub mod memit;
 pub mod request;
@@ -147,7 +148,7 @@ pub struct MethodEntry {
 }
 
 /// The method table: adding a method is one file plus one row here (and its hyper-parameters in models.toml).
-pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT, ft::FT_L_INF, ft::FT];
+pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT, ft::FT_L_INF, ft::FT, kn::KN];
 
 /// Looks a method up by name.
 pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {

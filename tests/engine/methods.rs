@@ -142,6 +142,11 @@ fn prefers(model: &LoadedModel, prompt: &str, better: &str, worse: &str) -> bool
 
 /// A real edit of a fact the default model knows: it flips, and ME-PPL_50 perplexity stays within 3%.
 fn edit_known_fact(method: &str) {
+    edit_known_fact_checking(method, true);
+}
+
+/// As [`edit_known_fact`]; `holds` says whether perplexity must stay within 3% (knowledge neurons need not).
+fn edit_known_fact_checking(method: &str, holds: bool) {
     let mut model = default_model_owned();
     let request = EditRequest {
         ground_truth: Some("French".into()),
@@ -158,7 +163,7 @@ fn edit_known_fact(method: &str) {
         .unwrap();
     assert!(prefers(&model, &prompt, "English", "French"), "{method}: the edit must take");
     let after = perplexity(&model, &sentences, PerplexityOptions::default(), None).unwrap().mean_sentence_ppl;
-    assert!((after / before - 1.0).abs() < 0.03, "{method}: perplexity {before:.2} → {after:.2}");
+    assert!(!holds || (after / before - 1.0).abs() < 0.03, "{method}: perplexity {before:.2} → {after:.2}");
     edit.undo(&mut model).unwrap();
     assert!(prefers(&model, &prompt, "French", "English"), "undo must bring the fact back");
 }
@@ -205,4 +210,11 @@ fn ft_l_inf_stays_inside_its_box() {
     let ft = (method_entry("ft").unwrap().build)(&unconstrained, "test: ft").unwrap();
     let free = ft.apply(&mut model, &[tiny_request()], &EditEnv::default()).unwrap();
     assert!(max_abs(&free.changes[0].delta) > 1e-3, "unconstrained FT leaves the box");
+}
+
+/// Knowledge neurons flip the fact too; on this model they also wreck perplexity (the selected last-layer neurons
+/// fire on most tokens), which the harness is there to catch, so only efficacy and exact undo are asserted here.
+#[test]
+fn kn_flips_a_known_fact() {
+    edit_known_fact_checking("kn", false);
 }
