@@ -135,24 +135,44 @@ impl Rotary {
     /// Rotates packed rows `x: (rows, heads·head_dim)`, row `r` at `positions[r]`, with composed (differentiable)
     /// operations.
     pub fn apply_at_rows(&self, x: &Tensor, positions: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-        let rows = x.dim(0)?;
+        let (cos, sin) = self.tables_at(positions)?;
+        self.apply_with_tables(x, &cos, &sin, heads, head_dim)
+    }
+
+    /// The `(rows, 1, rotary_dim / 2)` cosine and sine tables for the given positions.
+    pub fn tables_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let rows = positions.dim(0)?;
         let half = self.rotary_dim / 2;
         let cos = self.cos.index_select(positions, 0)?.reshape((rows, 1, half))?;
         let sin = self.sin.index_select(positions, 0)?.reshape((rows, 1, half))?;
+        Ok((cos, sin))
+    }
+
+    /// Like [`apply_at_rows`](Self::apply_at_rows) with tables from [`tables_at`](Self::tables_at).
+    pub fn apply_with_tables(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let half = self.rotary_dim / 2;
         let x = x.reshape((rows, heads, head_dim))?;
         let rotating = x.narrow(2, 0, self.rotary_dim)?;
         let rotated = match self.layout {
             RotaryLayout::HalfSplit => {
                 let (a, b) = (rotating.narrow(2, 0, half)?, rotating.narrow(2, half, half)?);
-                let first = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
-                let second = (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
+                let first = (a.broadcast_mul(cos)? - b.broadcast_mul(sin)?)?;
+                let second = (b.broadcast_mul(cos)? + a.broadcast_mul(sin)?)?;
                 Tensor::cat(&[first, second], 2)?
             }
             RotaryLayout::Interleaved => {
                 let pairs = rotating.reshape((rows, heads, half, 2))?;
                 let (a, b) = (pairs.narrow(3, 0, 1)?.squeeze(3)?, pairs.narrow(3, 1, 1)?.squeeze(3)?);
-                let first = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
-                let second = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
+                let first = (a.broadcast_mul(cos)? - b.broadcast_mul(sin)?)?;
+                let second = (a.broadcast_mul(sin)? + b.broadcast_mul(cos)?)?;
                 Tensor::stack(&[first, second], 3)?.reshape((rows, heads, self.rotary_dim))?
             }
         };

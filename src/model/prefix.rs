@@ -46,6 +46,18 @@ pub struct PrefixCache {
     starts: Vec<usize>,
     layers: Vec<(usize, Tensor, Tensor)>,
     shape: AttentionShape,
+    prefix_rows: usize,
+    layout: Mutex<Option<SuffixLayout>>,
+}
+
+/// Index tensors, rotary tables and the mask of one suffix packing: the same for every layer and every step.
+#[derive(Clone)]
+struct SuffixLayout {
+    lengths: Vec<usize>,
+    key_index: Tensor,
+    longest_total: usize,
+    mask: Tensor,
+    tables: Option<(Tensor, Tensor)>,
 }
 
 impl PrefixCache {
@@ -80,7 +92,48 @@ impl PrefixCache {
             };
             layers.push((layer, k, v));
         }
-        Ok(PrefixCache { starts: starts.to_vec(), layers, shape })
+        let prefix_rows = starts.iter().sum();
+        Ok(PrefixCache { starts: starts.to_vec(), layers, shape, prefix_rows, layout: Mutex::new(None) })
+    }
+
+    /// The layout for `packing`, built on first use and reused while the packing stays the same.
+    fn layout(&self, packing: &Packing, rotary: Option<&Rotary>, dtype: DType) -> Result<SuffixLayout> {
+        let mut slot = self.layout.lock().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
+        if let Some(layout) = slot.as_ref().filter(|l| l.lengths == packing.lengths()) {
+            return Ok(layout.clone());
+        }
+        let device = packing.positions().device();
+        let starts = &self.starts;
+        let batch = packing.batch();
+        let longest_total = starts.iter().zip(packing.lengths()).map(|(s, l)| s + l).max().unwrap_or(1);
+        let mut key_index = Vec::with_capacity(batch * longest_total);
+        let (mut prefix_offset, mut own_offset) = (0usize, 0usize);
+        for (&start, &length) in starts.iter().zip(packing.lengths()) {
+            for j in 0..longest_total {
+                let index = if j < start {
+                    prefix_offset + j
+                } else if j < start + length {
+                    self.prefix_rows + own_offset + (j - start)
+                } else {
+                    self.prefix_rows + own_offset + length - 1
+                };
+                key_index.push(index as u32);
+            }
+            prefix_offset += start;
+            own_offset += length;
+        }
+        let positions: Vec<u32> =
+            starts.iter().zip(packing.lengths()).flat_map(|(&s, &l)| s as u32..(s + l) as u32).collect();
+        let positions = Tensor::from_vec(positions, packing.rows(), device)?;
+        let layout = SuffixLayout {
+            lengths: packing.lengths().to_vec(),
+            key_index: Tensor::from_vec(key_index, batch * longest_total, device)?,
+            longest_total,
+            mask: prefix_mask(starts, packing.longest(), longest_total, dtype, device)?,
+            tables: rotary.map(|r| r.tables_at(&positions)).transpose()?,
+        };
+        *slot = Some(layout.clone());
+        Ok(layout)
     }
 
     /// The start position of every sequence.
@@ -145,45 +198,21 @@ fn prefix_attention(
 ) -> Result<Tensor> {
     let AttentionShape { heads, kv_heads, head_dim } = cache.shape;
     let (prefix_k, prefix_v) = cache.layer(layer)?;
-    let starts = &cache.starts;
-    let device = q.device();
-    let positions: Vec<u32> =
-        starts.iter().zip(packing.lengths()).flat_map(|(&s, &l)| s as u32..(s + l) as u32).collect();
-    let positions = Tensor::from_vec(positions, packing.rows(), device)?;
-    let (q, k) = match rotary {
-        Some(rotary) => (
-            rotary.apply_at_rows(q, &positions, heads, head_dim)?,
-            rotary.apply_at_rows(k, &positions, kv_heads, head_dim)?,
+    let layout = cache.layout(packing, rotary, q.dtype())?;
+    let (q, k) = match (rotary, &layout.tables) {
+        (Some(rotary), Some((cos, sin))) => (
+            rotary.apply_with_tables(q, cos, sin, heads, head_dim)?,
+            rotary.apply_with_tables(k, cos, sin, kv_heads, head_dim)?,
         ),
-        None => (q.clone(), k.clone()),
+        _ => (q.clone(), k.clone()),
     };
     // Full key/value rows per sequence: its prefix rows, then its own rows.
-    let prefix_rows = prefix_k.dim(0)?;
     let batch = packing.batch();
-    let totals: Vec<usize> = starts.iter().zip(packing.lengths()).map(|(s, l)| s + l).collect();
-    let longest_total = *totals.iter().max().unwrap_or(&1);
-    let longest_query = packing.longest();
-    let mut key_index = Vec::with_capacity(batch * longest_total);
-    let (mut prefix_offset, mut own_offset) = (0usize, 0usize);
-    for (&start, &length) in starts.iter().zip(packing.lengths()) {
-        for j in 0..longest_total {
-            let index = if j < start {
-                prefix_offset + j
-            } else if j < start + length {
-                prefix_rows + own_offset + (j - start)
-            } else {
-                prefix_rows + own_offset + length - 1
-            };
-            key_index.push(index as u32);
-        }
-        prefix_offset += start;
-        own_offset += length;
-    }
-    let key_index = Tensor::from_vec(key_index, batch * longest_total, device)?;
+    let (longest_total, longest_query) = (layout.longest_total, packing.longest());
     let gather = |prefix: &Tensor, own: &Tensor| -> Result<Tensor> {
         let all = Tensor::cat(&[prefix, &own.contiguous()?], 0)?;
         Ok(all
-            .index_select(&key_index, 0)?
+            .index_select(&layout.key_index, 0)?
             .reshape((batch, longest_total, kv_heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()?)
@@ -194,8 +223,7 @@ fn prefix_attention(
     let v = candle_transformers::utils::repeat_kv(v, repeat)?.contiguous()?;
     let q = packing.pad(&q)?.reshape((batch, longest_query, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-    let mask = prefix_mask(starts, longest_query, longest_total, scores.dtype(), device)?;
-    let weights = softmax_last(&scores.broadcast_add(&mask)?, path)?;
+    let weights = softmax_last(&scores.broadcast_add(&layout.mask)?, path)?;
     let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, longest_query, heads * head_dim))?;
     Ok(packing.unpad(&context)?)
 }
