@@ -189,6 +189,17 @@ impl Registry {
                 ));
             }
             entry.validate_source(id, &self.origin)?;
+            for (method, table) in &entry.methods {
+                let known = crate::methods::METHODS.iter().find(|m| m.name == method.as_str()).ok_or_else(|| {
+                    let names: Vec<&str> = crate::methods::METHODS.iter().map(|m| m.name).collect();
+                    Error::invalid(
+                        &self.origin,
+                        format!("models.{id}.methods.{method}"),
+                        format!("unknown method `{method}`; expected one of {}", names.join(", ")),
+                    )
+                })?;
+                (known.build)(table, &format!("{}: models.{id}.methods.{method}", self.origin))?;
+            }
         }
         Ok(())
     }
@@ -338,6 +349,15 @@ source = { kind = "path", weights = ["tiny.safetensors"], config = "config.json"
         );
         let message = err(&text);
         assert!(message.contains("models.tiny.source.sha256: expected 64 hex digits"), "{message}");
+    }
+
+    #[test]
+    fn unknown_method_and_bad_hyper_parameter_are_named() {
+        let message = err(&format!("{GOOD}\n[models.tiny.methods.romeo]\nlayers = [1]\n"));
+        assert!(message.contains("models.tiny.methods.romeo: unknown method `romeo`"), "{message}");
+        let message =
+            err(&format!("{GOOD}\n[models.tiny.methods.kn]\nsteps = \"many\"\nadaptive_threshold = 0.2\np = 0.4\n"));
+        assert!(message.contains("models.tiny.methods.kn.steps"), "{message}");
     }
 
     #[test]

@@ -17,11 +17,11 @@ use crate::error::Result;
 /// A place in a layer where hooks are called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HookPoint {
-    /// Input of the MLP down-projection, `(batch, tokens, intermediate)`.
+    /// Input of the MLP down-projection, packed `(tokens, intermediate)`.
     MlpKey,
-    /// MLP output before the residual addition, `(batch, tokens, hidden)`.
+    /// MLP output before the residual addition, packed `(tokens, hidden)`.
     MlpOutput,
-    /// Residual stream after the layer, `(batch, tokens, hidden)`.
+    /// Residual stream after the layer, packed `(tokens, hidden)`.
     BlockOutput,
 }
 
