@@ -5,8 +5,6 @@
 //! so that hooks, overrides and ΔW use the `(out, in)` orientation of every other architecture. Checkpoints name
 //! tensors with or without the `transformer.` prefix; both are accepted.
 
-use std::ops::Range;
-
 use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -15,7 +13,7 @@ use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, linear};
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
-use super::{Architecture, CausalLm, ModelDims, WeightId};
+use super::{Architecture, CausalLm, ModelDims};
 use crate::error::{Error, Result};
 
 /// The registry row.
@@ -192,19 +190,28 @@ impl CausalLm for Gpt2 {
         Ok((words + self.wpe.index_select(packing.positions(), 0)?)?)
     }
 
-    fn run_layers(
+    fn layer(
         &self,
-        mut h: Tensor,
+        index: usize,
+        hidden: Tensor,
         packing: &Packing,
-        layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
         kv: KvMode,
     ) -> Result<Tensor> {
-        for index in layers {
-            h = self.block(index, h, packing, hooks, path, kv)?;
-        }
-        Ok(h)
+        self.block(index, hidden, packing, hooks, path, kv)
+    }
+
+    fn mlp_down(&self, layer: usize) -> Option<&Tensor> {
+        self.blocks.get(layer).map(|b| &b.proj.0)
+    }
+
+    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor> {
+        self.blocks.get_mut(layer).map(|b| &mut b.proj.0)
+    }
+
+    fn token_embedding(&self) -> &Tensor {
+        &self.wte
     }
 
     fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
@@ -213,23 +220,5 @@ impl CausalLm for Gpt2 {
 
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {
         Ok(linear(&self.ln_f.forward(rows, path)?, &self.wte, None, path)?)
-    }
-
-    fn weight(&self, id: WeightId) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => Ok(self.blocks.get(layer).ok_or(WeightId::out_of_range(id))?.proj.0.clone()),
-            WeightId::TokenEmbedding => Ok(self.wte.clone()),
-        }
-    }
-
-    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => {
-                let block = self.blocks.get_mut(layer).ok_or(WeightId::out_of_range(id))?;
-                super::check_same_shape(&block.proj.0, &value, id)?;
-                Ok(std::mem::replace(&mut block.proj.0, value))
-            }
-            WeightId::TokenEmbedding => Err(WeightId::read_only(id)),
-        }
     }
 }

@@ -4,8 +4,6 @@
 //! embeddings on the first `rotary_dim` dimensions of each head only, pairing dimensions `2i` and `2i + 1`
 //! ("rotate every two", the interleaved layout). Query, key and value projections have no bias; the output head does.
 
-use std::ops::Range;
-
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -14,7 +12,7 @@ use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, RotaryLayout
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
-use super::{Architecture, CausalLm, ModelDims, WeightId};
+use super::{Architecture, CausalLm, ModelDims};
 use crate::error::{Error, Result};
 
 /// The registry row.
@@ -172,19 +170,28 @@ impl CausalLm for Gptj {
         Ok(self.wte.index_select(input_ids, 0)?)
     }
 
-    fn run_layers(
+    fn layer(
         &self,
-        mut h: Tensor,
+        index: usize,
+        hidden: Tensor,
         packing: &Packing,
-        layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
         kv: KvMode,
     ) -> Result<Tensor> {
-        for index in layers {
-            h = self.block(index, h, packing, hooks, path, kv)?;
-        }
-        Ok(h)
+        self.block(index, hidden, packing, hooks, path, kv)
+    }
+
+    fn mlp_down(&self, layer: usize) -> Option<&Tensor> {
+        self.blocks.get(layer).map(|b| &b.fc_out.0)
+    }
+
+    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor> {
+        self.blocks.get_mut(layer).map(|b| &mut b.fc_out.0)
+    }
+
+    fn token_embedding(&self) -> &Tensor {
+        &self.wte
     }
 
     fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
@@ -194,23 +201,5 @@ impl CausalLm for Gptj {
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {
         let normed = self.ln_f.forward(rows, path)?;
         Ok(linear(&normed, &self.lm_head.0, Some(&self.lm_head.1), path)?)
-    }
-
-    fn weight(&self, id: WeightId) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => Ok(self.blocks.get(layer).ok_or(WeightId::out_of_range(id))?.fc_out.0.clone()),
-            WeightId::TokenEmbedding => Ok(self.wte.clone()),
-        }
-    }
-
-    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => {
-                let block = self.blocks.get_mut(layer).ok_or(WeightId::out_of_range(id))?;
-                super::check_same_shape(&block.fc_out.0, &value, id)?;
-                Ok(std::mem::replace(&mut block.fc_out.0, value))
-            }
-            WeightId::TokenEmbedding => Err(WeightId::read_only(id)),
-        }
     }
 }

@@ -5,8 +5,6 @@
 //! safetensors under Hugging Face names or from GGUF through [`GgufWeights`], which restores the Hugging Face row order
 //! of the query and key projections.
 
-use std::ops::Range;
-
 use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
 
@@ -16,7 +14,7 @@ use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, linear, rms_norm
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
-use super::{Architecture, CausalLm, ModelDims, WeightId};
+use super::{Architecture, CausalLm, ModelDims};
 use crate::error::{Error, Result};
 
 /// The registry row.
@@ -291,19 +289,28 @@ impl CausalLm for Llama {
         Ok(self.embed.index_select(input_ids, 0)?)
     }
 
-    fn run_layers(
+    fn layer(
         &self,
-        mut h: Tensor,
+        index: usize,
+        hidden: Tensor,
         packing: &Packing,
-        layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
         kv: KvMode,
     ) -> Result<Tensor> {
-        for index in layers {
-            h = self.block(index, h, packing, hooks, path, kv)?;
-        }
-        Ok(h)
+        self.block(index, hidden, packing, hooks, path, kv)
+    }
+
+    fn mlp_down(&self, layer: usize) -> Option<&Tensor> {
+        self.blocks.get(layer).map(|b| &b.down)
+    }
+
+    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor> {
+        self.blocks.get_mut(layer).map(|b| &mut b.down)
+    }
+
+    fn token_embedding(&self) -> &Tensor {
+        &self.embed
     }
 
     fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
@@ -313,23 +320,5 @@ impl CausalLm for Llama {
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor> {
         let normed = rms_norm(rows, &self.norm, self.config.rms_norm_eps, path)?;
         Ok(linear(&normed, &self.lm_head, None, path)?)
-    }
-
-    fn weight(&self, id: WeightId) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => Ok(self.blocks.get(layer).ok_or(WeightId::out_of_range(id))?.down.clone()),
-            WeightId::TokenEmbedding => Ok(self.embed.clone()),
-        }
-    }
-
-    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => {
-                let block = self.blocks.get_mut(layer).ok_or(WeightId::out_of_range(id))?;
-                super::check_same_shape(&block.down, &value, id)?;
-                Ok(std::mem::replace(&mut block.down, value))
-            }
-            WeightId::TokenEmbedding => Err(WeightId::read_only(id)),
-        }
     }
 }

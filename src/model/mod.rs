@@ -84,25 +84,62 @@ pub trait CausalLm: Send + Sync {
     fn dims(&self) -> ModelDims;
     /// Token (and, where the architecture has them, position) embeddings of packed `(rows,)` ids → `(rows, hidden)`.
     fn embed(&self, input_ids: &Tensor, packing: &Packing) -> Result<Tensor>;
-    /// Runs `layers` on the packed residual stream `(rows, hidden)`, calling `hooks` at every hook point; `kv` says
-    /// whether attention records keys and values or reads a cached prefix.
+    /// Runs layer `index` on the packed residual stream `(rows, hidden)`, calling `hooks` at its hook points; `kv`
+    /// says whether attention records keys and values or reads a cached prefix.
+    fn layer(
+        &self,
+        index: usize,
+        hidden: Tensor,
+        packing: &Packing,
+        hooks: &dyn Hook,
+        path: Path,
+        kv: KvMode,
+    ) -> Result<Tensor>;
+    /// The MLP down-projection of a layer, `(hidden, intermediate)`.
+    fn mlp_down(&self, layer: usize) -> Option<&Tensor>;
+    /// The same, for replacement.
+    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor>;
+    /// The token embedding matrix `(vocab, hidden)`.
+    fn token_embedding(&self) -> &Tensor;
+
+    /// Runs `layers` in order (see [`layer`](Self::layer)).
     fn run_layers(
         &self,
-        hidden: Tensor,
+        mut hidden: Tensor,
         packing: &Packing,
         layers: Range<usize>,
         hooks: &dyn Hook,
         path: Path,
         kv: KvMode,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        for index in layers {
+            hidden = self.layer(index, hidden, packing, hooks, path, kv)?;
+        }
+        Ok(hidden)
+    }
     /// The attention shape and rotary embedding, for building prefix caches.
     fn attention_layout(&self) -> (layers::AttentionShape, Option<&layers::Rotary>);
     /// Final norm and output projection of residual rows `(n, hidden)` → logits `(n, vocab)`.
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
     /// The current value of a weight.
-    fn weight(&self, id: WeightId) -> Result<Tensor>;
-    /// Replaces a weight, returning the previous tensor.
-    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor>;
+    fn weight(&self, id: WeightId) -> Result<Tensor> {
+        match id {
+            WeightId::MlpDown(layer) => self.mlp_down(layer).cloned().ok_or(id.out_of_range()),
+            WeightId::TokenEmbedding => Ok(self.token_embedding().clone()),
+        }
+    }
+
+    /// Replaces a weight (same shape), returning the previous tensor.
+    fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
+        match id {
+            WeightId::MlpDown(layer) => {
+                let slot = self.mlp_down_mut(layer).ok_or(id.out_of_range())?;
+                check_same_shape(slot, &value, id)?;
+                Ok(std::mem::replace(slot, value))
+            }
+            WeightId::TokenEmbedding => Err(id.read_only()),
+        }
+    }
 }
 
 /// Builds a network from `config.json` text and safetensors weights.
