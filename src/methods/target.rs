@@ -188,6 +188,7 @@ pub fn optimize_target(
     let target_sites: Vec<Site> = prepared.targets.iter().map(|(s, _)| shift(*s)).collect();
     let labels: Vec<u32> = prepared.targets.iter().map(|(_, t)| *t).collect();
     let labels = Tensor::from_vec(labels, (target_sites.len(), 1), &model.device)?;
+    let scored_sites: Vec<Site> = target_sites.iter().copied().chain([kl_site]).collect();
     let mut losses = Vec::new();
     let trace = std::env::var_os("EDITGUARD_TRACE").is_some();
     for step in 0..params.steps {
@@ -198,16 +199,15 @@ pub fn optimize_target(
         let hidden =
             model.run_layers_kv(suffix_below.clone(), &suffix, layer..layers, &hooks, Path::Differentiable, kv)?;
         let forward_seconds = started.elapsed().as_secs_f64();
-        let log_probs = candle_nn::ops::log_softmax(
-            &model.logits_at(&hidden, &suffix, &target_sites, Path::Differentiable)?,
+        // One pass through the output layer for the target positions and the KL position (the last row).
+        let all_log_probs = candle_nn::ops::log_softmax(
+            &model.logits_at(&hidden, &suffix, &scored_sites, Path::Differentiable)?,
             D::Minus1,
         )?;
+        let log_probs = all_log_probs.narrow(0, 0, target_sites.len())?;
         let picked = log_probs.gather(&labels, 1)?.reshape((prepared.prompts, prepared.target_len))?;
         let nll = (picked.sum(1)?.neg()? / prepared.target_len as f64)?.mean(0)?;
-        let kl_new = candle_nn::ops::log_softmax(
-            &model.logits_at(&hidden, &suffix, &[kl_site], Path::Differentiable)?,
-            D::Minus1,
-        )?;
+        let kl_new = all_log_probs.narrow(0, target_sites.len(), 1)?;
         let kl = ((kl_new.exp()? * (&kl_new - &kl_reference)?)?.sum_all()? * params.kl_factor)?;
         let mut loss = (nll + kl)?;
         if l2_norm(delta.as_tensor())? > 0.0 {
