@@ -12,15 +12,13 @@
 //!
 //! Batches of any size are one call; statistics are computed (or read from the cache) before the first layer changes.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::rome::keys_and_outputs;
 use super::subject::SubjectPrompt;
 use super::target::{TargetParams, optimize_target};
-use super::templates::{TemplateParams, TemplateStyle, context_templates};
+use super::templates::{TemplateCache, TemplateParams, TemplateStyle};
 use super::{EditEnv, EditMethod, EditRecorder, EditRequest, MethodEntry, parse_params};
 use crate::error::{Error, Result};
 use crate::model::{Capture, HookPoint, LoadedModel, Path, WeightId};
@@ -66,7 +64,7 @@ pub struct MemitParams {
 /// MEMIT.
 pub struct Memit {
     params: MemitParams,
-    templates: Mutex<Option<Vec<String>>>,
+    templates: TemplateCache,
 }
 
 fn build(table: &toml::Table, origin: &str) -> Result<Box<dyn EditMethod>> {
@@ -79,24 +77,16 @@ fn build(table: &toml::Table, origin: &str) -> Result<Box<dyn EditMethod>> {
             "expected increasing layer indices, e.g. [4, 5, 6]",
         ));
     }
-    Ok(Box::new(Memit { params, templates: Mutex::new(None) }))
+    let templates = TemplateCache::new(TemplateParams {
+        style: TemplateStyle::Easyedit,
+        lengths: params.context_template_length_params.clone(),
+        seed: params.seed,
+        top_k: 5,
+    });
+    Ok(Box::new(Memit { params, templates }))
 }
 
 impl Memit {
-    fn templates(&self, model: &LoadedModel) -> Result<Vec<String>> {
-        let mut slot = self.templates.lock().map_err(|_| Error::invalid("(memit)", "templates", "lock poisoned"))?;
-        if slot.is_none() {
-            let params = TemplateParams {
-                style: TemplateStyle::Easyedit,
-                lengths: self.params.context_template_length_params.clone(),
-                seed: self.params.seed,
-                top_k: 5,
-            };
-            *slot = Some(context_templates(model, &params)?);
-        }
-        Ok(slot.clone().unwrap_or_default())
-    }
-
     /// `(intermediate, n)` keys: per request, ½·(bare key) + ½·(mean of the prefixed keys).
     fn keys(
         &self,
@@ -151,7 +141,7 @@ impl Memit {
         }
         let corpus = super::stats::StatsCorpus::default_for(env.data_dir.as_deref(), self.params.mom2_n_samples)?;
         let moments = super::stats::second_moments(model, layers, &corpus, None)?;
-        let templates = self.templates(model)?;
+        let templates = self.templates.get(model)?;
         let target = TargetParams {
             steps: self.params.v_num_grad_steps,
             lr: self.params.v_lr,

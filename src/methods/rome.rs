@@ -14,13 +14,11 @@
 //! random-prefix-keys fix of Gupta et al. Requests are applied one after another, each to the model as the previous
 //! left it; templates are generated once per method instance, from the model as it was at the first edit.
 
-use std::sync::Mutex;
-
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::target::{TargetParams, contextualise, optimize_target};
-use super::templates::{TemplateParams, TemplateStyle, context_templates};
+use super::templates::{TemplateCache, TemplateParams, TemplateStyle};
 use super::{EditEnv, EditMethod, EditRecorder, EditRequest, MethodEntry, l2_norm, parse_params};
 use crate::error::{Error, Result};
 use crate::methods::subject::SubjectPrompt;
@@ -88,7 +86,7 @@ pub struct Rome {
     name: &'static str,
     params: RomeParams,
     key: KeyChoice,
-    templates: Mutex<Option<Vec<String>>>,
+    templates: TemplateCache,
 }
 
 impl Rome {
@@ -99,7 +97,13 @@ impl Rome {
             let (file, path) = origin.split_once(": ").unwrap_or(("models.toml", origin));
             return Err(Error::invalid(file, format!("{path}.layers"), "ROME edits exactly one layer, e.g. [5]"));
         }
-        Ok(Rome { name, params, key, templates: Mutex::new(None) })
+        let templates = TemplateCache::new(TemplateParams {
+            style: params.context_template_style,
+            lengths: params.context_template_length_params.clone(),
+            seed: params.seed,
+            top_k: 5,
+        });
+        Ok(Rome { name, params, key, templates })
     }
 }
 
@@ -149,20 +153,6 @@ pub fn keys_and_outputs(
 }
 
 impl Rome {
-    fn templates(&self, model: &LoadedModel) -> Result<Vec<String>> {
-        let mut slot = self.templates.lock().map_err(|_| Error::invalid("(rome)", "templates", "lock poisoned"))?;
-        if slot.is_none() {
-            let params = TemplateParams {
-                style: self.params.context_template_style,
-                lengths: self.params.context_template_length_params.clone(),
-                seed: self.params.seed,
-                top_k: 5,
-            };
-            *slot = Some(context_templates(model, &params)?);
-        }
-        Ok(slot.clone().unwrap_or_default())
-    }
-
     fn target_params(&self) -> TargetParams {
         TargetParams {
             steps: self.params.v_num_grad_steps,
@@ -186,7 +176,7 @@ impl Rome {
             ));
         }
         let started = std::time::Instant::now();
-        let templates = self.templates(model)?;
+        let templates = self.templates.get(model)?;
         let templates_seconds = started.elapsed().as_secs_f64();
         let observed = keys_and_outputs(model, request, &templates, layer)?;
         let mean_key = observed.keys.to_dtype(DType::F64)?.mean(0)?;

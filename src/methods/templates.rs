@@ -49,6 +49,29 @@ fn default_top_k() -> usize {
     5
 }
 
+/// Templates generated on first use and kept: the references generate them once, from the model as it is at the first
+/// edit, and reuse them for every later edit of a run.
+pub struct TemplateCache {
+    params: TemplateParams,
+    templates: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+impl TemplateCache {
+    /// A cache for templates made with `params`.
+    pub fn new(params: TemplateParams) -> Self {
+        TemplateCache { params, templates: std::sync::Mutex::new(None) }
+    }
+
+    /// The templates, generating them with `model` the first time.
+    pub fn get(&self, model: &LoadedModel) -> Result<Vec<String>> {
+        let mut slot = self.templates.lock().map_err(|_| Error::invalid("(templates)", "cache", "lock poisoned"))?;
+        if slot.is_none() {
+            *slot = Some(context_templates(model, &self.params)?);
+        }
+        Ok(slot.clone().unwrap_or_default())
+    }
+}
+
 /// The start words of the `easyedit` style.
 pub const START_WORDS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
 
