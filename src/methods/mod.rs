@@ -34,8 +34,6 @@ use crate::registry::Registry;
 pub struct EditEnv {
     /// Data directory override (statistics corpora).
     pub data_dir: Option<PathBuf>,
-    /// Show progress bars.
-    pub progress: bool,
 }
 
 /// An editing method.

@@ -146,28 +146,6 @@ impl Gpt2 {
         let heads = self.config.n_head;
         AttentionShape { heads, kv_heads: heads, head_dim: self.config.n_embd / heads }
     }
-
-    fn block(
-        &self,
-        index: usize,
-        h: Tensor,
-        packing: &Packing,
-        hooks: &dyn Hook,
-        path: Path,
-        kv: KvMode,
-    ) -> Result<Tensor> {
-        let b = &self.blocks[index];
-        let width = self.config.n_embd;
-        let shape = self.attention_shape();
-        let qkv = linear(&b.ln_1.forward(&h, path)?, &b.attn_qkv.0, Some(&b.attn_qkv.1), path)?;
-        let part = |i: usize| qkv.narrow(D::Minus1, i * width, width);
-        let context = attention(index, &part(0)?, &part(1)?, &part(2)?, packing, shape, None, path, kv)?;
-        let h = (h + linear(&context, &b.attn_proj.0, Some(&b.attn_proj.1), path)?)?;
-        let x = b.ln_2.forward(&h, path)?;
-        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc.0, Some(&b.fc.1), path)?.gelu()?, packing)?;
-        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.proj.0, Some(&b.proj.1), path)?, packing)?;
-        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
-    }
 }
 
 impl CausalLm for Gpt2 {
@@ -193,13 +171,23 @@ impl CausalLm for Gpt2 {
     fn layer(
         &self,
         index: usize,
-        hidden: Tensor,
+        h: Tensor,
         packing: &Packing,
         hooks: &dyn Hook,
         path: Path,
         kv: KvMode,
     ) -> Result<Tensor> {
-        self.block(index, hidden, packing, hooks, path, kv)
+        let b = &self.blocks[index];
+        let width = self.config.n_embd;
+        let shape = self.attention_shape();
+        let qkv = linear(&b.ln_1.forward(&h, path)?, &b.attn_qkv.0, Some(&b.attn_qkv.1), path)?;
+        let part = |i: usize| qkv.narrow(D::Minus1, i * width, width);
+        let context = attention(index, &part(0)?, &part(1)?, &part(2)?, packing, shape, None, path, kv)?;
+        let h = (h + linear(&context, &b.attn_proj.0, Some(&b.attn_proj.1), path)?)?;
+        let x = b.ln_2.forward(&h, path)?;
+        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc.0, Some(&b.fc.1), path)?.gelu()?, packing)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.proj.0, Some(&b.proj.1), path)?, packing)?;
+        hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
     }
 
     fn mlp_down(&self, layer: usize) -> Option<&Tensor> {

@@ -129,8 +129,24 @@ impl Gptj {
         let heads = self.config.n_head;
         AttentionShape { heads, kv_heads: heads, head_dim: self.config.n_embd / heads }
     }
+}
 
-    fn block(
+impl CausalLm for Gptj {
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            layers: self.config.n_layer,
+            hidden: self.config.n_embd,
+            intermediate: self.config.n_inner.unwrap_or(4 * self.config.n_embd),
+            vocab: self.config.vocab_size,
+            max_positions: self.config.n_positions,
+        }
+    }
+
+    fn embed(&self, input_ids: &Tensor, _packing: &Packing) -> Result<Tensor> {
+        Ok(self.wte.index_select(input_ids, 0)?)
+    }
+
+    fn layer(
         &self,
         index: usize,
         h: Tensor,
@@ -152,34 +168,6 @@ impl Gptj {
         let mlp =
             hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.fc_out.0, Some(&b.fc_out.1), path)?, packing)?;
         hooks.visit(index, HookPoint::BlockOutput, ((h + attention)? + mlp)?, packing)
-    }
-}
-
-impl CausalLm for Gptj {
-    fn dims(&self) -> ModelDims {
-        ModelDims {
-            layers: self.config.n_layer,
-            hidden: self.config.n_embd,
-            intermediate: self.config.n_inner.unwrap_or(4 * self.config.n_embd),
-            vocab: self.config.vocab_size,
-            max_positions: self.config.n_positions,
-        }
-    }
-
-    fn embed(&self, input_ids: &Tensor, _packing: &Packing) -> Result<Tensor> {
-        Ok(self.wte.index_select(input_ids, 0)?)
-    }
-
-    fn layer(
-        &self,
-        index: usize,
-        hidden: Tensor,
-        packing: &Packing,
-        hooks: &dyn Hook,
-        path: Path,
-        kv: KvMode,
-    ) -> Result<Tensor> {
-        self.block(index, hidden, packing, hooks, path, kv)
     }
 
     fn mlp_down(&self, layer: usize) -> Option<&Tensor> {

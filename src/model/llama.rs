@@ -236,8 +236,24 @@ impl Llama {
         let c = &self.config;
         AttentionShape { heads: c.num_attention_heads, kv_heads: c.kv_heads(), head_dim: c.head_dim() }
     }
+}
 
-    fn block(
+impl CausalLm for Llama {
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            layers: self.config.num_hidden_layers,
+            hidden: self.config.hidden_size,
+            intermediate: self.config.intermediate_size,
+            vocab: self.config.vocab_size,
+            max_positions: self.config.max_position_embeddings,
+        }
+    }
+
+    fn embed(&self, input_ids: &Tensor, _packing: &Packing) -> Result<Tensor> {
+        Ok(self.embed.index_select(input_ids, 0)?)
+    }
+
+    fn layer(
         &self,
         index: usize,
         h: Tensor,
@@ -271,34 +287,6 @@ impl Llama {
         let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
         let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?, packing)?;
         hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
-    }
-}
-
-impl CausalLm for Llama {
-    fn dims(&self) -> ModelDims {
-        ModelDims {
-            layers: self.config.num_hidden_layers,
-            hidden: self.config.hidden_size,
-            intermediate: self.config.intermediate_size,
-            vocab: self.config.vocab_size,
-            max_positions: self.config.max_position_embeddings,
-        }
-    }
-
-    fn embed(&self, input_ids: &Tensor, _packing: &Packing) -> Result<Tensor> {
-        Ok(self.embed.index_select(input_ids, 0)?)
-    }
-
-    fn layer(
-        &self,
-        index: usize,
-        hidden: Tensor,
-        packing: &Packing,
-        hooks: &dyn Hook,
-        path: Path,
-        kv: KvMode,
-    ) -> Result<Tensor> {
-        self.block(index, hidden, packing, hooks, path, kv)
     }
 
     fn mlp_down(&self, layer: usize) -> Option<&Tensor> {

@@ -112,7 +112,7 @@ pub fn run(args: EditArgs, registry: &Registry, data_dir: Option<PathBuf>, model
     let mut model = model;
     let requests = requests(&args, data_dir.as_deref())?;
     let method = build_method(registry, &model.id, &args.method)?;
-    let env = EditEnv { data_dir: data_dir.clone(), progress: true };
+    let env = EditEnv { data_dir: data_dir.clone() };
     let corpus = if args.no_ppl { None } else { Some(Corpus::MePpl50.load(data_dir.as_deref())?) };
     let ppl = |model: &LoadedModel| -> Result<Option<f64>> {
         match &corpus {
