@@ -12,14 +12,18 @@
 //! - [`methods`] are the editing methods (ROME, r-ROME, …) behind the `EditMethod` trait, with their second-moment
 //!   statistics, context templates and target optimisation.
 //! - [`metrics`] measures a model: perplexity in the Butterfly-effect paper's convention, and edit quality.
+//! - [`cases`] reads the edit suites under `cases/` (what to edit, how, with which methods and models, what to expect).
+//! - [`harness`] turns suites × methods × models into generated tests with thresholds, verdicts and insta baselines.
 //! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory.
 //! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
 //! - [`error`] is the library's error type, naming file, field and remedy.
 
 pub mod bench;
 pub mod cache;
+pub mod cases;
 pub mod data;
 pub mod error;
+pub mod harness;
 pub mod methods;
 pub mod metrics;
 pub mod model;

@@ -1,8 +1,8 @@
 //! The model registry: `models.toml` parsed, validated and looked up.
 //!
 //! Each `[models.<id>]` table names an architecture, a source (`pypi`, `hf` or `path`), a dtype, and leaves room for
-//! per-method hyper-parameters (`[models.<id>.methods.<method>]`) and verdict thresholds (`[models.<id>.thresholds]`)
-//! that later stages read. Parsing keeps the path of the field being read, so a bad file is reported with its name,
+//! per-method hyper-parameters (`[models.<id>.methods.<method>]`) and verdict thresholds (`[models.<id>.thresholds]`
+//! over the top-level `[thresholds]` defaults) that later stages read. Parsing keeps the path of the field being read, so a bad file is reported with its name,
 //! line, the dotted field and what was expected, e.g.
 //! `models.toml:7: models.smollm2-135m.architecture: unknown architecture `lama`; expected one of: llama, gpt2, gptj`.
 
@@ -31,12 +31,16 @@ pub struct Registry {
     pub default_model: String,
     /// Entries by id, sorted.
     pub models: BTreeMap<String, ModelEntry>,
+    /// The top-level `[thresholds]` table: verdict thresholds for every model (see [`crate::harness::thresholds`]).
+    pub thresholds: toml::Table,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RegistryFile {
     default_model: toml::Spanned<String>,
+    #[serde(default)]
+    thresholds: toml::Table,
     models: BTreeMap<String, ModelEntry>,
 }
 
@@ -164,6 +168,7 @@ impl Registry {
             base_dir: base_dir.to_path_buf(),
             default_model: file.default_model.get_ref().clone(),
             models: file.models,
+            thresholds: file.thresholds,
         };
         registry.validate(text, &file.default_model)?;
         Ok(registry)
@@ -200,6 +205,7 @@ impl Registry {
                 })?;
                 (known.build)(table, &format!("{}: models.{id}.methods.{method}", self.origin))?;
             }
+            crate::harness::thresholds::model_layer(self, id)?;
         }
         Ok(())
     }

@@ -2,7 +2,8 @@
 //!
 //! `counterfact/counterfact-edit.json` holds the EasyEdit form of COUNTERFACT: one record per case with
 //! `prompt` (full text), `subject`, `target_new`, `ground_truth`, `rephrase_prompt`, `locality_prompt` and
-//! `locality_ground_truth`. `zsre/zsre_mend_train-1k.json` holds `{subject, src, rephrase, alt, answers, loc,
+//! `locality_ground_truth` (`counterfact-train.json`, the other half of COUNTERFACT, has the same form).
+//! `zsre/zsre_mend_train-1k.json` holds `{subject, src, rephrase, alt, answers, loc,
 //! loc_ans}`. Both become [`EditRequest`]s; records whose prompt does not contain the subject are skipped and
 //! counted. Subsets are chosen by id or by a seeded sample, so the same seed always picks the same cases.
 
@@ -18,21 +19,24 @@ use crate::methods::request::{EditRequest, LocalityProbe, template_of};
 /// The edit datasets editguard knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EditDataset {
-    /// COUNTERFACT (EasyEdit form), 10,000 records.
+    /// COUNTERFACT (EasyEdit form), the 10,000-record edit split.
     CounterFact,
+    /// COUNTERFACT's other 10,000 records (EasyEdit's train split; several of the Butterfly paper's HardCF cases).
+    CounterFactTrain,
     /// zsRE (MEND train split, first 1,000 records).
     Zsre,
 }
 
 impl EditDataset {
-    /// Parses `counterfact` or `zsre`.
+    /// Parses `counterfact`, `counterfact-train` or `zsre`.
     pub fn parse(name: &str) -> Result<Self> {
         match name.to_ascii_lowercase().as_str() {
             "counterfact" | "cf" => Ok(EditDataset::CounterFact),
+            "counterfact-train" => Ok(EditDataset::CounterFactTrain),
             "zsre" => Ok(EditDataset::Zsre),
             other => Err(Error::Dataset {
                 name: other.to_string(),
-                message: "unknown edit dataset; expected `counterfact` or `zsre`".into(),
+                message: "unknown edit dataset; expected `counterfact`, `counterfact-train` or `zsre`".into(),
             }),
         }
     }
@@ -40,6 +44,7 @@ impl EditDataset {
     fn relative_path(self) -> &'static str {
         match self {
             EditDataset::CounterFact => "counterfact/counterfact-edit.json",
+            EditDataset::CounterFactTrain => "counterfact/counterfact-train.json",
             EditDataset::Zsre => "zsre/zsre_mend_train-1k.json",
         }
     }
@@ -56,7 +61,7 @@ impl EditDataset {
             .map_err(|e| Error::Dataset { name: path.display().to_string(), message: format!("cannot read: {e}") })?;
         let origin = path.display().to_string();
         match self {
-            EditDataset::CounterFact => {
+            EditDataset::CounterFact | EditDataset::CounterFactTrain => {
                 let records: Vec<CounterFactRecord> = parse(&text, &origin)?;
                 Ok(records.into_iter().filter_map(CounterFactRecord::into_request).collect())
             }

@@ -4,6 +4,7 @@
 mod architectures;
 mod cli;
 mod gradients;
+mod harness;
 mod methods;
 mod reference;
 mod support;

@@ -1,4 +1,4 @@
-//! The `editguard` command line: list and fetch models, measure perplexity, edit, collect statistics, benchmark.
+//! The `editguard` command line: list models and methods, fetch models, measure perplexity, edit, collect statistics, benchmark.
 
 mod edit;
 
@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// List the models of the registry.
     Models,
+    /// List the editing methods and the models that have hyper-parameters for each.
+    Methods,
     /// Download a model into the cache (and verify it).
     Fetch {
         /// Model id (default: the registry's default model).
@@ -115,6 +117,19 @@ fn main() -> Result<()> {
                     Source::Path { weights, .. } => format!("path {}", weights[0].display()),
                 };
                 println!("{marker} {id:<16} {:<6} {:<44} {}", entry.architecture(), source, entry.description);
+            }
+        }
+        Command::Methods => {
+            for entry in editguard::methods::METHODS {
+                let models: Vec<&str> = registry
+                    .models
+                    .iter()
+                    .filter(|(_, m)| m.methods.contains_key(entry.name))
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                let batch = if entry.batch { "batch" } else { "single" };
+                println!("{:<9} {batch:<6} {}", entry.name, entry.summary);
+                println!("{:<16} models: {}", "", if models.is_empty() { "-".to_string() } else { models.join(", ") });
             }
         }
         Command::Fetch { model } => {
