@@ -14,6 +14,7 @@
 //! - [`metrics`] measures a model: perplexity in the Butterfly-effect paper's convention, and edit quality.
 //! - [`cases`] reads the edit suites under `cases/` (what to edit, how, with which methods and models, what to expect).
 //! - [`harness`] turns suites × methods × models into generated tests with thresholds, verdicts and insta baselines.
+//! - [`tasks`] are the downstream tasks (PIQA, HellaSwag, MMLU, …) scored on an edited model.
 //! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory.
 //! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
 //! - [`error`] is the library's error type, naming file, field and remedy.
@@ -29,5 +30,6 @@ pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod source;
+pub mod tasks;
 
 pub use error::{Error, Result};

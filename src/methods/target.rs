@@ -24,7 +24,7 @@ use super::request::EditRequest;
 use super::subject::SubjectPrompt;
 use crate::error::{Error, Result, ensure_finite};
 use crate::model::{
-    AddAtSites, Capture, HookPoint, HookSet, KvMode, KvRecorder, LoadedModel, NoHooks, PackedBatch, Packing, Path, Site,
+    AddAtSites, Capture, HookPoint, HookSet, KvMode, KvRecorder, LoadedModel, NoHooks, PackedBatch, Path, Site,
 };
 
 /// Hyper-parameters of the optimisation.
@@ -124,19 +124,6 @@ fn rewriting_batch(model: &LoadedModel, request: &EditRequest, templates: &[Stri
     })
 }
 
-/// The packing of each sequence's tokens from `starts[i]` on, and those rows of the packed `hidden` state.
-fn suffix_rows(packing: &Packing, starts: &[usize], hidden: &Tensor) -> Result<(Packing, Tensor)> {
-    let mut rows = Vec::new();
-    let mut offset = 0;
-    for (&length, &start) in packing.lengths().iter().zip(starts) {
-        rows.extend((offset + start..offset + length).map(|r| r as u32));
-        offset += length;
-    }
-    let lengths: Vec<usize> = packing.lengths().iter().zip(starts).map(|(l, s)| l - s).collect();
-    let index = Tensor::from_vec(rows, lengths.iter().sum::<usize>(), hidden.device())?;
-    Ok((Packing::new(&lengths, hidden.device())?, hidden.index_select(&index, 0)?))
-}
-
 /// Optimises the vector added at `point` of `layer` so that the model predicts the request's new target.
 /// `templates[0]` must be the bare `"{}"` (its row defines `v₀`).
 pub fn optimize_target(
@@ -175,7 +162,7 @@ pub fn optimize_target(
     // From here on only the tokens from each row's subject on are recomputed.
     let starts: Vec<usize> = prepared.inject.iter().map(|&(_, position)| position).collect();
     let cache = model.prefix_cache(recorder, &batch.packing, &starts)?;
-    let (suffix, suffix_below) = suffix_rows(&batch.packing, &starts, &below)?;
+    let (suffix, suffix_below) = batch.packing.suffix_rows(&starts, &below)?;
     let shift = |(row, position): Site| (row, position - starts[row]);
     let inject: Vec<Site> = prepared.inject.iter().map(|&s| shift(s)).collect();
     let kl_site = shift(prepared.kl_site);

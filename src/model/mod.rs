@@ -333,6 +333,19 @@ impl LoadedModel {
         PrefixCache::new(recorder, packing, starts, shape, rotary)
     }
 
+    /// A prefix cache for sequences continuing recorded ones: sequence `i` continues the first `starts[i]` tokens of
+    /// recorded sequence `sources[i]` (see [`PrefixCache::shared`]).
+    pub fn shared_prefix_cache(
+        &self,
+        recorder: KvRecorder,
+        packing: &Packing,
+        sources: &[usize],
+        starts: &[usize],
+    ) -> Result<PrefixCache> {
+        let (shape, rotary) = self.network.attention_layout();
+        PrefixCache::shared(recorder, packing, sources, starts, shape, rotary)
+    }
+
     /// Logits `(sites, vocab)` at `(sequence, position)` sites of a packed hidden state.
     pub fn logits_at(&self, hidden: &Tensor, packing: &Packing, sites: &[Site], path: Path) -> Result<Tensor> {
         let rows = hidden.index_select(&packing.flat_indices(sites, hidden.device())?, 0)?;

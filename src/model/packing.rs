@@ -118,6 +118,19 @@ impl Packing {
         x.contiguous()?.index_select(&self.padded_index, 0)?.reshape((self.batch(), self.longest, width))
     }
 
+    /// The packing of each sequence's tokens from `starts[i]` on, and those rows of the packed `hidden` state.
+    pub fn suffix_rows(&self, starts: &[usize], hidden: &Tensor) -> Result<(Packing, Tensor)> {
+        let mut rows = Vec::new();
+        let mut offset = 0;
+        for (&length, &start) in self.lengths.iter().zip(starts) {
+            rows.extend((offset + start..offset + length).map(|r| r as u32));
+            offset += length;
+        }
+        let lengths: Vec<usize> = self.lengths.iter().zip(starts).map(|(l, s)| l - s).collect();
+        let index = Tensor::from_vec(rows, lengths.iter().sum::<usize>(), hidden.device())?;
+        Ok((Packing::new(&lengths, hidden.device())?, hidden.index_select(&index, 0)?))
+    }
+
     /// Right-padded `(batch, longest, width)` → `(rows, width)`.
     pub fn unpad(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let width = x.dim(2)?;

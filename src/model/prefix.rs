@@ -69,15 +69,46 @@ impl PrefixCache {
         shape: AttentionShape,
         rotary: Option<&Rotary>,
     ) -> Result<Self> {
-        if starts.len() != packing.batch() || starts.iter().zip(packing.lengths()).any(|(s, l)| s >= l) {
-            return Err(Error::invalid("(prefix cache)", "starts", "one start per sequence, inside the sequence"));
+        let sources: Vec<usize> = (0..starts.len()).collect();
+        if starts.len() != packing.batch() {
+            return Err(Error::invalid("(prefix cache)", "starts", "one start per sequence"));
+        }
+        Self::shared(recorder, packing, &sources, starts, shape, rotary)
+    }
+
+    /// A cache for later sequences that share recorded prefixes: sequence `i` of the later passes continues the first
+    /// `starts[i]` tokens of recorded sequence `sources[i]` (several may share one, e.g. the options of a
+    /// multiple-choice item after their common context).
+    pub fn shared(
+        recorder: KvRecorder,
+        packing: &Packing,
+        sources: &[usize],
+        starts: &[usize],
+        shape: AttentionShape,
+        rotary: Option<&Rotary>,
+    ) -> Result<Self> {
+        let lengths = packing.lengths();
+        let bad = sources.len() != starts.len()
+            || sources.iter().zip(starts).any(|(&source, &start)| source >= lengths.len() || start >= lengths[source]);
+        if bad {
+            return Err(Error::invalid(
+                "(prefix cache)",
+                "starts",
+                "one start per sequence, inside its source sequence",
+            ));
         }
         let device = packing.positions().device().clone();
+        let offsets: Vec<usize> = lengths
+            .iter()
+            .scan(0, |offset, &length| {
+                let start = *offset;
+                *offset += length;
+                Some(start)
+            })
+            .collect();
         let mut rows = Vec::new();
-        let mut offset = 0;
-        for (&length, &start) in packing.lengths().iter().zip(starts) {
-            rows.extend((offset..offset + start).map(|r| r as u32));
-            offset += length;
+        for (&source, &start) in sources.iter().zip(starts) {
+            rows.extend((offsets[source]..offsets[source] + start).map(|r| r as u32));
         }
         let prefix_rows = Tensor::from_vec(rows, starts.iter().sum::<usize>(), &device)?;
         let recorded =

@@ -8,3 +8,4 @@ mod harness;
 mod methods;
 mod reference;
 mod support;
+mod tasks;

@@ -1,4 +1,4 @@
-//! The `editguard` command line: list models and methods, fetch models, measure perplexity, edit, collect statistics, benchmark.
+//! The `editguard` command line: list models and methods, fetch models, score tasks, measure perplexity, edit, collect statistics, benchmark.
 
 mod edit;
 
@@ -55,6 +55,24 @@ enum Command {
     },
     /// Apply edits with a method; report edit quality, perplexity before/after, ‖ΔW‖ and seconds per edit.
     Edit(edit::EditArgs),
+    /// Score downstream tasks on a model, each next to its random-guess floor.
+    Eval {
+        /// Model id (default: the registry's default model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Comma-separated task names, or `all`.
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        tasks: Vec<String>,
+        /// Score a seeded sample of this many items per task (default: all items).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Sampling seed for --limit.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Collect (and cache) second-moment statistics of MLP keys.
     Stats {
         /// Model id (default: the registry's default model).
@@ -130,6 +148,45 @@ fn main() -> Result<()> {
                 let batch = if entry.batch { "batch" } else { "single" };
                 println!("{:<9} {batch:<6} {}", entry.name, entry.summary);
                 println!("{:<16} models: {}", "", if models.is_empty() { "-".to_string() } else { models.join(", ") });
+            }
+        }
+        Command::Eval { model, tasks, limit, seed, json } => {
+            let entries: Vec<&editguard::tasks::TaskEntry> = if tasks.iter().any(|t| t == "all") {
+                editguard::tasks::TASKS.iter().collect()
+            } else {
+                tasks.iter().map(|t| editguard::tasks::task_entry(t)).collect::<editguard::Result<_>>()?
+            };
+            let model = load(&registry, &model_or_default(model))?;
+            let options =
+                editguard::tasks::EvalOptions { limit, seed, data_dir: cli.data_dir.clone(), ..Default::default() };
+            let mut scores = Vec::new();
+            if !json {
+                println!(
+                    "{:<12} {:>8} {:>8} {:>8} {:>6} {:>8} {:>9}",
+                    "task", "metric", "score", "floor", "items", "seconds", "items/s"
+                );
+            }
+            for entry in entries {
+                let bar = spinner(format!("scoring {}", entry.name));
+                let score = editguard::tasks::evaluate(&model, entry, &options);
+                bar.finish_and_clear();
+                let score = score.with_context(|| format!("task {}", entry.name))?;
+                if !json {
+                    println!(
+                        "{:<12} {:>8} {:>8.4} {:>8.4} {:>6} {:>8.1} {:>9.1}",
+                        score.task,
+                        entry.metric,
+                        score.score,
+                        score.random_floor,
+                        score.items,
+                        score.seconds,
+                        score.items as f64 / score.seconds
+                    );
+                }
+                scores.push(score);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&scores)?);
             }
         }
         Command::Fetch { model } => {

@@ -1,0 +1,93 @@
+//! Downstream tasks: every loader reads its full evaluation split, and multiple-choice scoring with the shared
+//! context cache equals scoring each context + option in full, on the real model and on the tiny architectures
+//! (rotary llama and gptj, gpt2 with absolute positions).
+
+use candle_core::DType;
+use editguard::metrics::edit_quality::score_continuations;
+use editguard::model::LoadedModel;
+use editguard::tasks::choice::predict;
+use editguard::tasks::{ChoiceItem, TASKS, select_items};
+
+use crate::support::{default_model, fixture_model};
+
+fn full_loglikelihoods(model: &LoadedModel, item: &ChoiceItem) -> Vec<f64> {
+    let pairs: Vec<(String, String)> = item.choices.iter().map(|c| (item.context.clone(), format!(" {c}"))).collect();
+    score_continuations(model, &pairs)
+        .unwrap()
+        .iter()
+        .zip(&item.choices)
+        .map(|(s, c)| -s.mean_nll * model.encode(&format!(" {c}")).unwrap().len() as f64)
+        .collect()
+}
+
+fn assert_shared_context_matches_full(model: &LoadedModel, items: &[ChoiceItem], budget: usize) {
+    let predictions = predict(model, items, budget).unwrap();
+    for (item, prediction) in items.iter().zip(&predictions) {
+        let full = full_loglikelihoods(model, item);
+        for (shared, full) in prediction.loglikelihoods.iter().zip(&full) {
+            assert!((shared - full).abs() < 2e-3 * full.abs().max(1.0), "shared {shared} vs full {full} for {item:?}");
+        }
+    }
+}
+
+#[test]
+fn every_task_reads_its_evaluation_split() {
+    let expected = [
+        ("piqa", 1838),
+        ("hellaswag", 10042),
+        ("mmlu", 438),
+        ("mmlu-5shot", 438),
+        ("sst2", 872),
+        ("rte", 277),
+        ("boolq", 3270),
+        ("mutual", 886),
+    ];
+    for entry in TASKS {
+        let items = (entry.build)().items(None).unwrap_or_else(|e| panic!("{}: {e}", entry.name));
+        let count = expected.iter().find(|(n, _)| *n == entry.name).map(|(_, c)| *c);
+        assert_eq!(Some(items.len()), count, "{}", entry.name);
+        assert!(items.iter().all(|i| i.gold < i.choices.len() && !i.context.is_empty()), "{}", entry.name);
+        let sample = select_items(items.clone(), Some(20), 7);
+        assert_eq!(sample, select_items(items, Some(20), 7), "{}: seeded subsets repeat", entry.name);
+    }
+}
+
+#[test]
+fn shared_context_scoring_equals_full_scoring_on_the_default_model() {
+    let items = vec![
+        ChoiceItem {
+            context: "Question: How do I keep bread fresh?\nAnswer:".into(),
+            choices: vec!["Store it in a sealed bag.".into(), "Leave it in the rain.".into()],
+            gold: 0,
+        },
+        ChoiceItem {
+            context: "The capital of France is".into(),
+            choices: vec!["Paris".into(), "Berlin".into(), "a large city in Europe".into()],
+            gold: 0,
+        },
+    ];
+    // A small budget splits the items into several chunks.
+    assert_shared_context_matches_full(default_model(), &items, 24);
+    assert_shared_context_matches_full(default_model(), &items, 4096);
+}
+
+#[test]
+fn shared_context_scoring_equals_full_scoring_on_tiny_models() {
+    let items = vec![
+        ChoiceItem {
+            context: "<t1> <t5> <t9> <t2>".into(),
+            choices: vec!["<t3> <t4>".into(), "<t7>".into(), "<t8> <t8> <t1>".into()],
+            gold: 1,
+        },
+        ChoiceItem {
+            context: "<t6> <t13> <t14> <t15> <t16>".into(),
+            choices: vec!["<t10>".into(), "<t11> <t12>".into()],
+            gold: 0,
+        },
+        ChoiceItem { context: "<t20>".into(), choices: vec!["<t21>".into(), "<t22> <t23>".into()], gold: 1 },
+    ];
+    for (arch, file) in [("llama", "model.safetensors"), ("gpt2", "model.safetensors"), ("gptj", "model.safetensors")] {
+        let model = fixture_model(arch, file, DType::F32);
+        assert_shared_context_matches_full(&model, &items, 4096);
+    }
+}
