@@ -9,13 +9,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
 pub const BOOLQ: TaskEntry = TaskEntry {
     name: "boolq",
-    metric: "acc",
+    metric: Metric::Acc,
     prompt: "lm-eval: \"Passage: {passage}\\nQuestion: {question}?\\nAnswer:\" + \" no|yes\"",
     build: || Box::new(Boolq),
 };

@@ -36,6 +36,8 @@ pub struct ChoicePrediction {
     pub predicted: usize,
     /// Arg-max of the sums per character of the choice.
     pub predicted_norm: usize,
+    /// Per choice: is every token of it the model's arg-max prediction (greedy decoding would produce it)?
+    pub greedy: Vec<bool>,
 }
 
 /// Scores `items` in chunks of about `token_budget` tokens (contexts plus options).
@@ -61,21 +63,24 @@ pub fn predict(model: &LoadedModel, items: &[ChoiceItem], token_budget: usize) -
     let mut predictions: Vec<Option<ChoicePrediction>> = vec![None; items.len()];
     for chunk in length_sorted_chunks(&sizes, token_budget) {
         let scored = score_chunk(model, &chunk.iter().map(|&i| &encoded[i]).collect::<Vec<_>>())?;
-        for (&index, loglikelihoods) in chunk.iter().zip(scored) {
+        for (&index, (loglikelihoods, greedy)) in chunk.iter().zip(scored) {
             let lengths: Vec<f64> = items[index].choices.iter().map(|c| c.chars().count().max(1) as f64).collect();
             let per_char: Vec<f64> = loglikelihoods.iter().zip(&lengths).map(|(l, n)| l / n).collect();
             predictions[index] = Some(ChoicePrediction {
                 predicted: arg_max(&loglikelihoods),
                 predicted_norm: arg_max(&per_char),
                 loglikelihoods,
+                greedy,
             });
         }
     }
     Ok(predictions.into_iter().map(|p| p.unwrap_or_else(|| unreachable!("every item is in one chunk"))).collect())
 }
 
-/// Summed log-probabilities of every option of every item of a chunk.
-fn score_chunk(model: &LoadedModel, items: &[&(Vec<u32>, Vec<Vec<u32>>)]) -> Result<Vec<Vec<f64>>> {
+/// Summed log-probabilities of every option of every item of a chunk, and whether each option is the greedy one.
+type ChunkScores = Vec<(Vec<f64>, Vec<bool>)>;
+
+fn score_chunk(model: &LoadedModel, items: &[&(Vec<u32>, Vec<Vec<u32>>)]) -> Result<ChunkScores> {
     let layers = model.dims().layers;
     let contexts: Vec<&[u32]> = items.iter().map(|(c, _)| c.as_slice()).collect();
     let context_batch = model.batch(&contexts)?;
@@ -115,17 +120,20 @@ fn score_chunk(model: &LoadedModel, items: &[&(Vec<u32>, Vec<Vec<u32>>)]) -> Res
             row += 1;
         }
     }
-    let nll = token_nll(&model.logits_at(&hidden, &suffix, &sites, Path::Fast)?, &targets)?;
+    let logits = model.logits_at(&hidden, &suffix, &sites, Path::Fast)?;
+    let nll = token_nll(&logits, &targets)?;
+    let argmax: Vec<u32> = logits.argmax(1)?.to_vec1::<u32>()?;
     let mut cursor = 0;
     let mut scores = Vec::with_capacity(items.len());
     for (_, options) in items {
-        let mut item_scores = Vec::with_capacity(options.len());
+        let (mut sums, mut greedy) = (Vec::with_capacity(options.len()), Vec::with_capacity(options.len()));
         for option in options {
-            let sum: f64 = nll[cursor..cursor + option.len()].iter().sum();
-            item_scores.push(-sum);
+            let span = cursor..cursor + option.len();
+            sums.push(-nll[span.clone()].iter().sum::<f64>());
+            greedy.push(argmax[span.clone()] == targets[span]);
             cursor += option.len();
         }
-        scores.push(item_scores);
+        scores.push((sums, greedy));
     }
     Ok(scores)
 }

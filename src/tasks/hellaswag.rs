@@ -8,13 +8,13 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
 use crate::error::{Error, Result};
 
 /// The task table row.
 pub const HELLASWAG: TaskEntry = TaskEntry {
     name: "hellaswag",
-    metric: "acc_norm",
+    metric: Metric::AccNorm,
     prompt: "lm-eval: \"{activity}: {context}\" + \" {ending}\" (preprocessed as lm-eval)",
     build: || Box::new(Hellaswag),
 };

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
 use crate::error::{Error, Result};
 
 /// The subjects editguard ships.
@@ -17,7 +17,7 @@ pub const SUBJECTS: [&str; 4] = ["formal_logic", "public_relations", "college_ph
 /// The zero-shot row.
 pub const MMLU_0_SHOT: TaskEntry = TaskEntry {
     name: "mmlu",
-    metric: "acc",
+    metric: Metric::Acc,
     prompt: "lm-eval, zero-shot: subject header + \"{question}\\nA. …\\nD. …\\nAnswer:\" + \" A|B|C|D\"",
     build: || Box::new(Mmlu { shots: 0 }),
 };
@@ -25,7 +25,7 @@ pub const MMLU_0_SHOT: TaskEntry = TaskEntry {
 /// The five-shot row.
 pub const MMLU_5_SHOT: TaskEntry = TaskEntry {
     name: "mmlu-5shot",
-    metric: "acc",
+    metric: Metric::Acc,
     prompt: "lm-eval, 5-shot: subject header + the first five dev questions with answers + the question",
     build: || Box::new(Mmlu { shots: 5 }),
 };

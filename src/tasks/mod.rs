@@ -2,12 +2,13 @@
 //!
 //! A task reads its data from `../shared/data` (or `$EDITGUARD_DATA`), turns each record into an item in the
 //! task's prompt style and is scored by a shared scorer: loglikelihood multiple choice ([`choice`]) for PIQA,
-//! HellaSwag, MMLU, SST-2, RTE, BoolQ and MuTual. Adding a task is one file implementing [`Task`] and one row in
+//! HellaSwag, MMLU, SST-2, RTE, BoolQ and MuTual, and greedy reproduction of a continuation for LAMBADA. Adding a task is one file implementing [`Task`] and one row in
 //! [`TASKS`]. Subsets are seeded samples of the items, so the same `limit` and seed always score the same items.
 
 pub mod boolq;
 pub mod choice;
 pub mod hellaswag;
+pub mod lambada;
 pub mod mmlu;
 pub mod mutual;
 pub mod piqa;
@@ -32,12 +33,37 @@ pub trait Task: Send + Sync {
     fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>>;
 }
 
+/// How a task's items are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// The choice with the highest summed log-probability is the gold one.
+    Acc,
+    /// The choice with the highest log-probability per character is the gold one.
+    AccNorm,
+    /// MuTual's r@1: the same as `Acc`.
+    RecallAt1,
+    /// Greedy decoding reproduces the gold continuation token for token (LAMBADA).
+    Greedy,
+}
+
+impl Metric {
+    /// The metric's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Acc => "acc",
+            Metric::AccNorm => "acc_norm",
+            Metric::RecallAt1 => "r@1",
+            Metric::Greedy => "acc",
+        }
+    }
+}
+
 /// One row of the task table.
 pub struct TaskEntry {
     /// The name used in suites and on the command line.
     pub name: &'static str,
     /// The metric reported.
-    pub metric: &'static str,
+    pub metric: Metric,
     /// Prompt style and where it comes from.
     pub prompt: &'static str,
     /// Constructor.
@@ -48,6 +74,7 @@ pub struct TaskEntry {
 pub const TASKS: &[TaskEntry] = &[
     piqa::PIQA,
     hellaswag::HELLASWAG,
+    lambada::LAMBADA,
     mmlu::MMLU_0_SHOT,
     mmlu::MMLU_5_SHOT,
     sst2::SST2,
@@ -77,7 +104,7 @@ pub struct TaskScore {
     pub acc: f64,
     /// Length-normalised accuracy (the highest log-probability per character is right).
     pub acc_norm: f64,
-    /// The expected score of guessing uniformly.
+    /// The expected score of guessing uniformly among the choices (0 for greedy generation).
     pub random_floor: f64,
     /// Items scored.
     pub items: usize,
@@ -129,12 +156,19 @@ pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -
     let right = |pick: fn(&ChoicePrediction) -> usize| {
         items.iter().zip(&predictions).filter(|(item, p)| pick(p) == item.gold).count() as f64 / n
     };
-    let floor = items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n;
     let (acc, acc_norm) = (right(|p| p.predicted), right(|p| p.predicted_norm));
+    let (score, floor) = match entry.metric {
+        Metric::Acc | Metric::RecallAt1 => (acc, items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n),
+        Metric::AccNorm => (acc_norm, items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n),
+        Metric::Greedy => {
+            let greedy = items.iter().zip(&predictions).filter(|(item, p)| p.greedy[item.gold]).count();
+            (greedy as f64 / n, 0.0)
+        }
+    };
     Ok(TaskScore {
         task: entry.name.to_string(),
-        metric: entry.metric.to_string(),
-        score: ensure_finite("task score", if entry.metric == "acc_norm" { acc_norm } else { acc })?,
+        metric: entry.metric.name().to_string(),
+        score: ensure_finite("task score", score)?,
         acc,
         acc_norm,
         random_floor: floor,

@@ -8,13 +8,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
 use crate::error::{Error, Result};
 
 /// The task table row.
 pub const MUTUAL: TaskEntry = TaskEntry {
     name: "mutual",
-    metric: "r@1",
+    metric: Metric::RecallAt1,
     prompt: "lm-eval: \"{dialogue}\" + \" {option}\" (detokenised as lm-eval)",
     build: || Box::new(Mutual),
 };

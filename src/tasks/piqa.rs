@@ -7,13 +7,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
 pub const PIQA: TaskEntry = TaskEntry {
     name: "piqa",
-    metric: "acc",
+    metric: Metric::Acc,
     prompt: "lm-eval: \"Question: {goal}\\nAnswer:\" + \" {solution}\"",
     build: || Box::new(Piqa),
 };

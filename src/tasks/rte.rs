@@ -6,13 +6,13 @@
 
 use std::path::Path;
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
 pub const RTE: TaskEntry = TaskEntry {
     name: "rte",
-    metric: "acc",
+    metric: Metric::Acc,
     prompt: "lm-eval: \"{sentence1}\\nQuestion: {sentence2} True or False?\\nAnswer:\" + \" True|False\"",
     build: || Box::new(Rte),
 };

@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use super::{ChoiceItem, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
 pub const SST2: TaskEntry = TaskEntry {
     name: "sst2",
-    metric: "acc",
+    metric: Metric::Acc,
     prompt: "lm-eval: \"{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:\" + \" negative|positive\"",
     build: || Box::new(Sst2),
 };

@@ -10,22 +10,26 @@ use editguard::tasks::{ChoiceItem, TASKS, select_items};
 
 use crate::support::{default_model, fixture_model};
 
-fn full_loglikelihoods(model: &LoadedModel, item: &ChoiceItem) -> Vec<f64> {
+/// Summed log-probability and "every token is the arg-max" of each choice, from a full pass over context + choice.
+fn full_scores(model: &LoadedModel, item: &ChoiceItem) -> Vec<(f64, bool)> {
     let pairs: Vec<(String, String)> = item.choices.iter().map(|c| (item.context.clone(), format!(" {c}"))).collect();
     score_continuations(model, &pairs)
         .unwrap()
         .iter()
         .zip(&item.choices)
-        .map(|(s, c)| -s.mean_nll * model.encode(&format!(" {c}")).unwrap().len() as f64)
+        .map(|(s, c)| (-s.mean_nll * model.encode(&format!(" {c}")).unwrap().len() as f64, s.token_accuracy == 1.0))
         .collect()
 }
 
 fn assert_shared_context_matches_full(model: &LoadedModel, items: &[ChoiceItem], budget: usize) {
     let predictions = predict(model, items, budget).unwrap();
     for (item, prediction) in items.iter().zip(&predictions) {
-        let full = full_loglikelihoods(model, item);
-        for (shared, full) in prediction.loglikelihoods.iter().zip(&full) {
+        let full = full_scores(model, item);
+        for ((shared, greedy), (full, full_greedy)) in
+            prediction.loglikelihoods.iter().zip(&prediction.greedy).zip(&full)
+        {
             assert!((shared - full).abs() < 2e-3 * full.abs().max(1.0), "shared {shared} vs full {full} for {item:?}");
+            assert_eq!(greedy, full_greedy, "greedy flags differ for {item:?}");
         }
     }
 }
@@ -35,6 +39,7 @@ fn every_task_reads_its_evaluation_split() {
     let expected = [
         ("piqa", 1838),
         ("hellaswag", 10042),
+        ("lambada", 5153),
         ("mmlu", 438),
         ("mmlu-5shot", 438),
         ("sst2", 872),
@@ -62,7 +67,7 @@ fn shared_context_scoring_equals_full_scoring_on_the_default_model() {
         },
         ChoiceItem {
             context: "The capital of France is".into(),
-            choices: vec!["Paris".into(), "Berlin".into(), "a large city in Europe".into()],
+            choices: vec!["Paris".into(), "Berlin".into(), "a large city in Europe".into(), "the".into()],
             gold: 0,
         },
     ];

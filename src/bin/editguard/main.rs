@@ -175,7 +175,7 @@ fn main() -> Result<()> {
                     println!(
                         "{:<12} {:>8} {:>8.4} {:>8.4} {:>6} {:>8.1} {:>9.1}",
                         score.task,
-                        entry.metric,
+                        entry.metric.name(),
                         score.score,
                         score.random_floor,
                         score.items,
