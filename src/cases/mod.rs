@@ -309,7 +309,11 @@ impl Suite {
             }
         }
         if let Some(task) = file.tasks.first() {
-            return Err(Error::invalid(at(task.span()), "tasks[0]", format!("unknown task `{}`", task.get_ref())));
+            let message = match crate::tasks::task_entry(task.get_ref()) {
+                Ok(_) => "suites cannot assert task scores yet (see `editguard eval`); remove `tasks`".to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(Error::invalid(at(task.span()), "tasks[0]", message));
         }
         let (cases, dataset) = check_sources(&file, text, &origin)?;
         let available = match &dataset {
