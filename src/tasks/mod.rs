@@ -189,3 +189,12 @@ pub fn read_data_file(data_dir: Option<&Path>, relative: &str) -> Result<(PathBu
 pub fn bad_record(path: &Path, line: usize, message: impl Into<String>) -> Error {
     Error::Dataset { name: format!("{}:{line}", path.display()), message: message.into() }
 }
+
+/// A 0/1 label of a task file, or an error naming the file and line.
+pub fn binary_label(path: &Path, line: usize, text: &str) -> Result<usize> {
+    match text.trim() {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        other => Err(bad_record(path, line, format!("expected label 0 or 1, found `{other}`"))),
+    }
+}

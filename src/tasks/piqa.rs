@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, binary_label, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
@@ -46,11 +46,7 @@ impl Task for Piqa {
             .enumerate()
             .map(|(i, (line, label))| {
                 let record: Record = serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?;
-                let gold = match label.trim() {
-                    "0" => 0,
-                    "1" => 1,
-                    other => return Err(bad_record(&labels_path, i + 1, format!("expected 0 or 1, found `{other}`"))),
-                };
+                let gold = binary_label(&labels_path, i + 1, label)?;
                 Ok(ChoiceItem {
                     context: format!("Question: {}\nAnswer:", record.goal),
                     choices: vec![record.sol1, record.sol2],

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, binary_label, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
@@ -31,11 +31,7 @@ impl Task for Rte {
                 let [premise, hypothesis, label, ..] = fields.as_slice() else {
                     return Err(bad_record(&path, i + 1, "expected `sentence1<TAB>sentence2<TAB>label<TAB>idx`"));
                 };
-                let gold = match label.trim() {
-                    "0" => 0,
-                    "1" => 1,
-                    other => return Err(bad_record(&path, i + 1, format!("expected label 0 or 1, found `{other}`"))),
-                };
+                let gold = binary_label(&path, i + 1, label)?;
                 Ok(ChoiceItem {
                     context: format!("{}\nQuestion: {} True or False?\nAnswer:", premise.trim(), hypothesis.trim()),
                     choices: vec!["True".into(), "False".into()],

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, binary_label, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
@@ -28,11 +28,7 @@ impl Task for Sst2 {
             .map(|(i, line)| {
                 let (sentence, label) =
                     line.rsplit_once('\t').ok_or_else(|| bad_record(&path, i + 1, "expected `sentence<TAB>label`"))?;
-                let gold = match label.trim() {
-                    "0" => 0,
-                    "1" => 1,
-                    other => return Err(bad_record(&path, i + 1, format!("expected label 0 or 1, found `{other}`"))),
-                };
+                let gold = binary_label(&path, i + 1, label)?;
                 Ok(ChoiceItem {
                     context: format!("{}\nQuestion: Is this sentence positive or negative?\nAnswer:", sentence.trim()),
                     choices: vec!["negative".into(), "positive".into()],
