@@ -57,8 +57,7 @@ impl EditDataset {
     /// All usable records as requests, in file order.
     pub fn load(self, data_dir: Option<&Path>) -> Result<Vec<EditRequest>> {
         let path = self.locate(data_dir)?;
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Dataset { name: path.display().to_string(), message: format!("cannot read: {e}") })?;
+        let text = super::read_text(&path)?;
         let origin = path.display().to_string();
         match self {
             EditDataset::CounterFact | EditDataset::CounterFactTrain => {

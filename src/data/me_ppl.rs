@@ -76,8 +76,7 @@ enum Record {
 
 /// Reads a JSON list of `{"Text": ...}` records (or of strings).
 pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Dataset { name: path.display().to_string(), message: format!("cannot read: {e}") })?;
+    let text = super::read_text(path)?;
     let records: Vec<Record> = serde_json::from_str(&text).map_err(|e| {
         Error::invalid(
             path.display().to_string(),

@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The error for a dataset file that cannot be opened or read.
+pub fn unreadable(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Dataset { name: path.display().to_string(), message: format!("cannot read: {reason}") }
+}
+
+/// The text of a dataset file, or an error naming it.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| unreadable(path, e))
+}
+
 /// Environment variable naming the data directory.
 pub const DATA_ENV: &str = "EDITGUARD_DATA";
 

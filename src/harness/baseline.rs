@@ -14,7 +14,7 @@ use crate::model::LoadedModel;
 
 use super::context::{HarnessContext, SnapshotInfo};
 use super::thresholds;
-use super::trial::{TrialSpec, baseline_name};
+use super::trial::{TrialSpec, baseline_name, snapshot_name_of};
 
 /// The unedited model's metrics on a corpus.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,7 +56,7 @@ pub fn for_edit_test(
     corpus: &str,
     sentences: &[String],
 ) -> Result<(UneditedMetrics, String)> {
-    let name = baseline_name(&model.id, corpus).replace("::", "__");
+    let name = snapshot_name_of(&baseline_name(&model.id, corpus));
     match context.snapshots.accepted::<UneditedMetrics>(&name)? {
         Some(accepted) => Ok((accepted, format!("accepted snapshot {name}"))),
         None => Ok((

@@ -48,8 +48,13 @@ pub struct TrialSpec {
 impl TrialSpec {
     /// The snapshot file stem of this test (`::` becomes `__`).
     pub fn snapshot_name(&self) -> String {
-        self.name.replace("::", "__")
+        snapshot_name_of(&self.name)
     }
+}
+
+/// The snapshot file stem of a test name (`::` becomes `__`).
+pub fn snapshot_name_of(test_name: &str) -> String {
+    test_name.replace("::", "__")
 }
 
 /// The name of a model's baseline test on a corpus.

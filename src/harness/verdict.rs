@@ -77,18 +77,23 @@ pub fn judge_checkpoint(checkpoint: &Checkpoint, thresholds: &Thresholds, baseli
     if let Some((metric, _)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
         return Some(Finding::NonFinite { metric, edits: checkpoint.edits });
     }
-    let ratio_bound = thresholds.collapse_ratio * baseline_ppl;
-    let (bound, rule) = if ratio_bound <= thresholds.collapse_ppl {
-        (ratio_bound, format!("collapse_ratio {} × baseline {baseline_ppl:.2}", thresholds.collapse_ratio))
-    } else {
-        (thresholds.collapse_ppl, "collapse_ppl (absolute)".to_string())
-    };
+    let (bound, rule) = collapse_bound(thresholds, baseline_ppl);
     (checkpoint.mean_ppl > bound).then_some(Finding::Collapse {
         value: checkpoint.mean_ppl,
         bound,
         rule,
         edits: checkpoint.edits,
     })
+}
+
+/// The collapse bound in force — the smaller of `collapse_ratio × baseline` and `collapse_ppl` — and which rule gave it.
+pub fn collapse_bound(thresholds: &Thresholds, baseline_ppl: f64) -> (f64, String) {
+    let ratio_bound = thresholds.collapse_ratio * baseline_ppl;
+    if ratio_bound <= thresholds.collapse_ppl {
+        (ratio_bound, format!("collapse_ratio {} × baseline {baseline_ppl:.2}", thresholds.collapse_ratio))
+    } else {
+        (thresholds.collapse_ppl, "collapse_ppl (absolute)".to_string())
+    }
 }
 
 /// The ineffective finding after the last checkpoint, if any.
@@ -174,14 +179,11 @@ pub fn diagnose(
         }
         (None, Some(c)) => {
             line(&mut out, "value", format!("{:.2}", c.mean_ppl));
-            let bound = (context.thresholds.collapse_ratio * context.baseline_ppl).min(context.thresholds.collapse_ppl);
+            let (bound, rule) = collapse_bound(context.thresholds, context.baseline_ppl);
             line(
                 &mut out,
                 "bound",
-                format!(
-                    "{bound:.2} (min of collapse_ratio {} × baseline, collapse_ppl {}); not crossed",
-                    context.thresholds.collapse_ratio, context.thresholds.collapse_ppl
-                ),
+                format!("{bound:.2} ({rule}; absolute bound {}); not crossed", context.thresholds.collapse_ppl),
             );
         }
         (None, None) => {}

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The subjects editguard ships.
 pub const SUBJECTS: [&str; 4] = ["formal_logic", "public_relations", "college_physics", "global_facts"];
@@ -54,10 +54,8 @@ impl Question {
 }
 
 fn read_questions(path: &PathBuf) -> Result<Vec<Question>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_path(path)
-        .map_err(|e| Error::Dataset { name: path.display().to_string(), message: format!("cannot read: {e}") })?;
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(true).from_path(path).map_err(|e| crate::data::unreadable(path, e))?;
     let mut questions = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let record = record.map_err(|e| bad_record(path, i + 2, e.to_string()))?;

@@ -157,9 +157,10 @@ pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -
         items.iter().zip(&predictions).filter(|(item, p)| pick(p) == item.gold).count() as f64 / n
     };
     let (acc, acc_norm) = (right(|p| p.predicted), right(|p| p.predicted_norm));
+    let uniform_guess = items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n;
     let (score, floor) = match entry.metric {
-        Metric::Acc | Metric::RecallAt1 => (acc, items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n),
-        Metric::AccNorm => (acc_norm, items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n),
+        Metric::Acc | Metric::RecallAt1 => (acc, uniform_guess),
+        Metric::AccNorm => (acc_norm, uniform_guess),
         Metric::Greedy => {
             let greedy = items.iter().zip(&predictions).filter(|(item, p)| p.greedy[item.gold]).count();
             (greedy as f64 / n, 0.0)
@@ -180,8 +181,7 @@ pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -
 /// Reads a data file of a task, naming it in errors.
 pub fn read_data_file(data_dir: Option<&Path>, relative: &str) -> Result<(PathBuf, String)> {
     let path = crate::data::data_dir(data_dir)?.join(relative);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::Dataset { name: path.display().to_string(), message: format!("cannot read: {e}") })?;
+    let text = crate::data::read_text(&path)?;
     Ok((path, text))
 }
 
