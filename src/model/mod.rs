@@ -7,6 +7,7 @@
 pub mod attention_cpu;
 pub mod fast_exp;
 pub mod frozen;
+pub mod generation;
 pub mod gguf;
 pub mod gpt2;
 pub mod gptj;
@@ -23,6 +24,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use generation::{Generation, GenerationRequest, generate_greedy};
 pub use hooks::{AddAtSites, Capture, Hook, HookPoint, HookSet, NoHooks, ReplaceAtSites, Site};
 pub use layers::Path;
 pub use packing::{PackedBatch, Packing};
@@ -344,6 +346,17 @@ impl LoadedModel {
     ) -> Result<PrefixCache> {
         let (shape, rotary) = self.network.attention_layout();
         PrefixCache::shared(recorder, packing, sources, starts, shape, rotary)
+    }
+
+    /// `cache` followed by the keys and values a [`KvMode::PrefixRecord`] pass over `packing` recorded.
+    pub fn extend_prefix_cache(
+        &self,
+        cache: &PrefixCache,
+        recorder: KvRecorder,
+        packing: &Packing,
+    ) -> Result<PrefixCache> {
+        let (_, rotary) = self.network.attention_layout();
+        cache.extended(recorder, packing, rotary)
     }
 
     /// Logits `(sites, vocab)` at `(sequence, position)` sites of a packed hidden state.

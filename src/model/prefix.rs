@@ -25,6 +25,9 @@ pub enum KvMode<'a> {
     Record(&'a KvRecorder),
     /// The batch holds only each sequence's tokens from its start on; earlier keys and values come from the cache.
     Prefix(&'a PrefixCache),
+    /// Like `Prefix`, also recording the batch's own (unrotated) keys and values, so that the cache can be
+    /// [extended](PrefixCache::extended) by them (token-by-token generation).
+    PrefixRecord(&'a PrefixCache, &'a KvRecorder),
 }
 
 /// Keys and values recorded per layer during a [`KvMode::Record`] pass.
@@ -78,7 +81,8 @@ impl PrefixCache {
 
     /// A cache for later sequences that share recorded prefixes: sequence `i` of the later passes continues the first
     /// `starts[i]` tokens of recorded sequence `sources[i]` (several may share one, e.g. the options of a
-    /// multiple-choice item after their common context).
+    /// multiple-choice item after their common context). A start may equal its source's length: the whole recorded
+    /// sequence is the prefix (generation continues it).
     pub fn shared(
         recorder: KvRecorder,
         packing: &Packing,
@@ -89,7 +93,7 @@ impl PrefixCache {
     ) -> Result<Self> {
         let lengths = packing.lengths();
         let bad = sources.len() != starts.len()
-            || sources.iter().zip(starts).any(|(&source, &start)| source >= lengths.len() || start >= lengths[source]);
+            || sources.iter().zip(starts).any(|(&source, &start)| source >= lengths.len() || start > lengths[source]);
         if bad {
             return Err(Error::invalid(
                 "(prefix cache)",
@@ -172,6 +176,46 @@ impl PrefixCache {
         &self.starts
     }
 
+    /// This cache followed by the keys and values a [`KvMode::PrefixRecord`] pass over `packing` recorded: sequence
+    /// `i` then starts after its old prefix and its `packing.lengths()[i]` new tokens.
+    pub fn extended(&self, recorder: KvRecorder, packing: &Packing, rotary: Option<&Rotary>) -> Result<PrefixCache> {
+        if packing.batch() != self.starts.len() {
+            return Err(Error::invalid("(prefix cache)", "packing", "one suffix sequence per cached sequence"));
+        }
+        let device = packing.positions().device().clone();
+        let starts: Vec<usize> = self.starts.iter().zip(packing.lengths()).map(|(s, l)| s + l).collect();
+        // Rows of cat(old prefix, new rows), sequence by sequence.
+        let mut order = Vec::with_capacity(starts.iter().sum());
+        let (mut old_offset, mut new_offset) = (0, self.prefix_rows);
+        for (&start, &length) in self.starts.iter().zip(packing.lengths()) {
+            order.extend((old_offset..old_offset + start).map(|r| r as u32));
+            order.extend((new_offset..new_offset + length).map(|r| r as u32));
+            old_offset += start;
+            new_offset += length;
+        }
+        let order = Tensor::from_vec(order, starts.iter().sum::<usize>(), &device)?;
+        let positions: Vec<u32> =
+            self.starts.iter().zip(packing.lengths()).flat_map(|(&s, &l)| s as u32..(s + l) as u32).collect();
+        let positions = Tensor::from_vec(positions, packing.rows(), &device)?;
+        let recorded =
+            recorder.layers.into_inner().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
+        let mut layers = Vec::with_capacity(recorded.len());
+        for (layer, k, v) in recorded {
+            let (old_k, old_v) = self.layer(layer)?;
+            let k = match rotary {
+                Some(rotary) => {
+                    rotary.apply_at_rows(&k.contiguous()?, &positions, self.shape.kv_heads, self.shape.head_dim)?
+                }
+                None => k,
+            };
+            let k = Tensor::cat(&[old_k, &k.contiguous()?], 0)?.index_select(&order, 0)?;
+            let v = Tensor::cat(&[old_v, &v.contiguous()?], 0)?.index_select(&order, 0)?;
+            layers.push((layer, k, v));
+        }
+        let prefix_rows = starts.iter().sum();
+        Ok(PrefixCache { starts, layers, shape: self.shape, prefix_rows, layout: Mutex::new(None) })
+    }
+
     fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
         self.layers
             .iter()
@@ -211,6 +255,10 @@ pub fn attention(
             Ok(causal_attention(q, k, v, packing, shape, rotary, path)?)
         }
         KvMode::Prefix(cache) => prefix_attention(layer, q, k, v, packing, cache, rotary, path),
+        KvMode::PrefixRecord(cache, recorder) => {
+            recorder.push(layer, k, v);
+            prefix_attention(layer, q, k, v, packing, cache, rotary, path)
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use candle_core::DType;
 use editguard::metrics::edit_quality::score_continuations;
-use editguard::model::LoadedModel;
+use editguard::model::{GenerationRequest, LoadedModel, NoHooks, PackedBatch, Path, generate_greedy};
 use editguard::tasks::choice::predict;
 use editguard::tasks::{ChoiceItem, TASKS, select_items};
 
@@ -95,4 +95,60 @@ fn shared_context_scoring_equals_full_scoring_on_tiny_models() {
         let model = fixture_model(arch, file, DType::F32);
         assert_shared_context_matches_full(&model, &items, 4096);
     }
+}
+
+/// Greedy continuation by re-running the whole sequence at every step (no cache), up to `steps` tokens.
+fn naive_greedy(model: &LoadedModel, prompt: &str, steps: usize) -> Vec<u32> {
+    let mut sequence = model.encode(prompt).unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..steps {
+        let batch = PackedBatch::single(&sequence, &model.device).unwrap();
+        let logits = model.all_logits(&batch, &NoHooks, Path::Fast).unwrap();
+        let last = logits.get(sequence.len() - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        generated.push(last);
+        sequence.push(last);
+    }
+    generated
+}
+
+fn assert_cached_generation_matches_naive(model: &LoadedModel, prompts: &[&str], steps: usize, budget: usize) {
+    let requests: Vec<GenerationRequest> = prompts
+        .iter()
+        .map(|p| GenerationRequest { prompt: p.to_string(), max_new_tokens: steps, stop: vec![] })
+        .collect();
+    let generated = generate_greedy(model, &requests, budget).unwrap();
+    for (prompt, generation) in prompts.iter().zip(&generated) {
+        let naive = naive_greedy(model, prompt, steps);
+        let compared = generation.tokens.len();
+        assert!(compared > 0, "nothing generated for {prompt:?}");
+        assert_eq!(generation.tokens, naive[..compared], "cached and naive greedy differ for {prompt:?}");
+        assert_eq!(generation.text, model.tokenizer.decode(&generation.tokens, false).unwrap());
+    }
+}
+
+#[test]
+fn cached_greedy_generation_equals_recomputing_every_step_on_the_default_model() {
+    let prompts = ["The capital of France is", "Q: who wrote the novel Moby-Dick?\nA:", "1, 2, 3, 4,"];
+    // A small budget gives one prompt per chunk; a large one decodes the ragged prompts together.
+    assert_cached_generation_matches_naive(default_model(), &prompts, 12, 16);
+    assert_cached_generation_matches_naive(default_model(), &prompts, 12, 4096);
+}
+
+#[test]
+fn cached_greedy_generation_equals_recomputing_every_step_on_tiny_models() {
+    let prompts = ["<t1> <t5> <t9> <t2>", "<t6>", "<t13> <t14> <t15> <t16> <t17> <t18>"];
+    for (arch, file) in [("llama", "model.safetensors"), ("gpt2", "model.safetensors"), ("gptj", "model.safetensors")] {
+        let model = fixture_model(arch, file, DType::F32);
+        assert_cached_generation_matches_naive(&model, &prompts, 6, 4096);
+    }
+}
+
+#[test]
+fn generation_stops_at_a_stop_string_and_cuts_it() {
+    let model = default_model();
+    let request = GenerationRequest { prompt: "1, 2, 3, 4,".into(), max_new_tokens: 20, stop: vec![",".into()] };
+    let generation = generate_greedy(model, &[request], 4096).unwrap().remove(0);
+    assert!(!generation.text.contains(','), "stop string kept: {:?}", generation.text);
+    assert!(generation.tokens.len() < 20, "decoding went on past the stop string: {:?}", generation.tokens);
+    assert_eq!(generation.text.trim(), "5");
 }
