@@ -181,12 +181,19 @@ struct SuiteFile {
     #[serde(default)]
     tasks: Vec<Spanned<String>>,
     #[serde(default)]
+    task_items: Option<Spanned<usize>>,
+    #[serde(default)]
+    task_seed: u64,
+    #[serde(default)]
     cases: Vec<InlineCase>,
     #[serde(default)]
     dataset: Option<Spanned<DatasetSelection>>,
     #[serde(default)]
     expect: Vec<Expectation>,
 }
+
+/// Items per task when a suite names tasks but no `task_items`.
+pub const DEFAULT_TASK_ITEMS: usize = 100;
 
 fn default_corpus() -> String {
     "me-ppl-50".to_string()
@@ -221,6 +228,10 @@ pub struct Suite {
     pub thresholds: ThresholdOverrides,
     /// Downstream tasks asserted (names of the task table).
     pub tasks: Vec<String>,
+    /// Items per task: a seeded sample of this many (all when larger than the task).
+    pub task_items: usize,
+    /// The seed of the task samples.
+    pub task_seed: u64,
     /// Inline cases.
     pub cases: Vec<InlineCase>,
     /// Dataset records.
@@ -308,13 +319,21 @@ impl Suite {
                 }
             }
         }
-        if let Some(task) = file.tasks.first() {
-            let message = match crate::tasks::task_entry(task.get_ref()) {
-                Ok(_) => "suites cannot assert task scores yet (see `editguard eval`); remove `tasks`".to_string(),
-                Err(e) => e.to_string(),
-            };
-            return Err(Error::invalid(at(task.span()), "tasks[0]", message));
+        for (i, task) in file.tasks.iter().enumerate() {
+            if let Err(e) = crate::tasks::task_entry(task.get_ref()) {
+                return Err(Error::invalid(at(task.span()), format!("tasks[{i}]"), e.to_string()));
+            }
         }
+        let task_items = match &file.task_items {
+            Some(n) if *n.get_ref() == 0 => {
+                return Err(Error::invalid(at(n.span()), "task_items", "expected at least 1 item per task"));
+            }
+            Some(n) if file.tasks.is_empty() => {
+                return Err(Error::invalid(at(n.span()), "task_items", "the suite names no `tasks`"));
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_TASK_ITEMS,
+        };
         let (cases, dataset) = check_sources(&file, text, &origin)?;
         let available = match &dataset {
             Some(d) => d.sample.unwrap_or(d.ids.len()),
@@ -388,6 +407,8 @@ impl Suite {
             check_every,
             thresholds: file.thresholds,
             tasks: file.tasks.iter().map(|t| t.get_ref().clone()).collect(),
+            task_items,
+            task_seed: file.task_seed,
             cases,
             dataset,
             expectations: file.expect,

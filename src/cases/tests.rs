@@ -124,3 +124,18 @@ fn expectations_match_method_model_and_case() {
     assert_eq!(suite.expected("ft-l-inf", "tiny", "tesla"), (Outcome::Collapse, Some("measured")));
     assert_eq!(suite.expected("ft-l-inf", "tiny", "darrieux").0, Outcome::Hold);
 }
+
+#[test]
+fn suites_name_known_tasks_and_a_positive_sample_size() {
+    let suite =
+        parse(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntasks = [\"sst2\", \"lambada\"]\n{CASE}"))
+            .unwrap();
+    assert_eq!(suite.tasks, ["sst2", "lambada"]);
+    assert_eq!((suite.task_items, suite.task_seed), (DEFAULT_TASK_ITEMS, 0));
+    let e = err(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntasks = [\"sst2\", \"sst3\"]\n{CASE}"));
+    assert!(e.contains("cases/demo.toml:3") && e.contains("tasks[1]") && e.contains("unknown task `sst3`"), "{e}");
+    let e = err(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntasks = [\"sst2\"]\ntask_items = 0\n{CASE}"));
+    assert!(e.contains("task_items") && e.contains("at least 1"), "{e}");
+    let e = err(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntask_items = 5\n{CASE}"));
+    assert!(e.contains("task_items") && e.contains("names no `tasks`"), "{e}");
+}

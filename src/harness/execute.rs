@@ -21,6 +21,7 @@ use crate::model::{LoadedModel, WeightId};
 
 use super::baseline::{corpus_sentences, for_edit_test};
 use super::context::{HarnessContext, SnapshotInfo};
+use super::task_checks::{TaskCheck, baselines_for_edit_test, check_edited};
 use super::thresholds::{self, Thresholds};
 use super::trial::TrialSpec;
 use super::verdict::{
@@ -39,6 +40,9 @@ pub struct EditRecord {
     pub baseline_ppl: f64,
     /// The measurements.
     pub checkpoints: Vec<Checkpoint>,
+    /// Task scores after the last operation, when the suite names tasks and the model did not collapse.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskCheck>,
 }
 
 /// The measured run of an edit test, before the verdict.
@@ -89,6 +93,7 @@ pub fn run(
         thresholds: &run.thresholds,
         expected,
         cases: &run.cases,
+        tasks: &run.record.tasks,
     };
     match (verdict, snapshot) {
         (Ok(()), Ok(())) => Ok(()),
@@ -125,6 +130,8 @@ pub fn measure_edits(
     let sentences = corpus_sentences(context, &suite.corpus)?;
     let (baseline, baseline_origin) = for_edit_test(context, &model, &suite.corpus, &sentences)?;
     let locality = locality_baseline(&model, &requests)?;
+    let task_baselines = baselines_for_edit_test(context, &model, suite)?;
+    let mut tasks = Vec::new();
     let env = EditEnv { data_dir: context.data_dir.clone() };
     let plan = Plan::of(suite, requests.len());
     let mut kept: HashMap<WeightId, Tensor> = HashMap::new();
@@ -175,18 +182,27 @@ pub fn measure_edits(
                 findings.push(finding);
                 break;
             }
+            if last && !task_baselines.is_empty() {
+                let (checks, drops) = check_edited(context, &model, &task_baselines, thresholds.task_tolerance)?;
+                tasks = checks;
+                findings.extend(drops);
+            }
         }
         if !plan.keep {
             edit.undo(&mut model)?;
         }
     }
-    if findings.is_empty()
+    if !findings.iter().any(|f| matches!(f, Finding::Collapse { .. } | Finding::NonFinite { .. }))
         && let Some(finding) = judge_efficacy(share(&took), &thresholds)
     {
         findings.push(finding);
     }
-    let record =
-        EditRecord { outcome: outcome_line(&findings, requests.len()), baseline_ppl: baseline.mean_ppl, checkpoints };
+    let record = EditRecord {
+        outcome: outcome_line(&findings, requests.len()),
+        baseline_ppl: baseline.mean_ppl,
+        checkpoints,
+        tasks,
+    };
     let mut info = SnapshotInfo::unedited(&model);
     info.method = Some(method_name.to_string());
     info.hyper_parameters = context.registry.get(model_id)?.methods.get(method_name).cloned();
@@ -232,6 +248,14 @@ fn describe_plan(suite: &Suite) -> String {
     }
     if suite.setting.keeps_edits() {
         text.push_str(&format!(", check every {}", suite.check_every));
+    }
+    if !suite.tasks.is_empty() {
+        text.push_str(&format!(
+            ", tasks {} ({} items, seed {})",
+            suite.tasks.join("/"),
+            suite.task_items,
+            suite.task_seed
+        ));
     }
     if let Some(dataset) = &suite.dataset {
         match dataset.sample {

@@ -14,6 +14,7 @@ pub mod baseline;
 pub mod context;
 pub mod execute;
 pub mod snapshot;
+pub mod task_checks;
 pub mod thresholds;
 pub mod trial;
 pub mod verdict;
@@ -75,6 +76,9 @@ fn prepare(args: &Arguments) -> anyhow::Result<Vec<Trial>> {
 pub fn run_trial(context: &HarnessContext, spec: &TrialSpec, wrapper: Option<&MethodWrapper>) -> Result<(), String> {
     match &spec.kind {
         TrialKind::Baseline { model, corpus } => baseline::run(context, spec, model, corpus),
+        TrialKind::TaskBaseline { model, task, items, seed } => {
+            task_checks::run_baseline(context, spec, model, task, *items, *seed)
+        }
         TrialKind::Edit { suite, method, model, case } => {
             execute::run(context, spec, &context.suites[*suite], method, model, case, wrapper)
         }

@@ -4,7 +4,8 @@
 //! one test, named `setting::method::model::suite::case`, e.g.
 //! `single::rome::smollm2-135m::hardedit::france-pyramids` or `sequential::ft-l-inf::smollm2-135m::counterfact-normal::n50`.
 //! Each (model × corpus) the suites use also gets a test of the unedited model against its accepted baseline,
-//! `baseline::smollm2-135m::me-ppl-50`. The matrix is built from `cases/*.toml` and `models.toml` alone: listing
+//! `baseline::smollm2-135m::me-ppl-50`, and each (model × task sample) a suite asserts a task baseline test,
+//! `baseline::smollm2-135m::sst2-n100-s0`. The matrix is built from `cases/*.toml` and `models.toml` alone: listing
 //! loads no model and reads no dataset.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,17 @@ pub enum TrialKind {
         model: String,
         /// Perplexity corpus name.
         corpus: String,
+    },
+    /// Scores the unedited model on a seeded task sample and compares with its accepted baseline snapshot.
+    TaskBaseline {
+        /// Model id.
+        model: String,
+        /// Task name.
+        task: String,
+        /// Items in the sample.
+        items: usize,
+        /// Sample seed.
+        seed: u64,
     },
     /// Applies a suite's edits with a method and judges the edited model.
     Edit {
@@ -62,15 +74,25 @@ pub fn baseline_name(model: &str, corpus: &str) -> String {
     format!("baseline::{model}::{corpus}")
 }
 
+/// The name of a model's baseline test on a seeded task sample.
+pub fn task_baseline_name(model: &str, task: &str, items: usize, seed: u64) -> String {
+    format!("baseline::{model}::{task}-n{items}-s{seed}")
+}
+
 /// The full matrix: baselines first, then each suite's tests in file order.
 pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
     let mut baselines: BTreeMap<(String, String), bool> = BTreeMap::new();
+    let mut task_baselines: BTreeMap<(String, String, usize, u64), bool> = BTreeMap::new();
     let mut edits = Vec::new();
     for (index, suite) in suites.iter().enumerate() {
         let heavy = suite.tier == Tier::Heavy;
         for model in &suite.models {
             let slot = baselines.entry((model.clone(), suite.corpus.clone())).or_insert(true);
             *slot &= heavy;
+            for task in &suite.tasks {
+                let key = (model.clone(), task.clone(), suite.task_items, suite.task_seed);
+                *task_baselines.entry(key).or_insert(true) &= heavy;
+            }
             for method in &suite.methods {
                 for case in suite.trial_cases() {
                     edits.push(TrialSpec {
@@ -90,6 +112,11 @@ pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
             heavy,
         })
         .collect();
+    trials.extend(task_baselines.into_iter().map(|((model, task, items, seed), heavy)| TrialSpec {
+        name: task_baseline_name(&model, &task, items, seed),
+        kind: TrialKind::TaskBaseline { model, task, items, seed },
+        heavy,
+    }));
     trials.extend(edits);
     trials
 }
@@ -99,7 +126,7 @@ pub fn explain_unmatched(filter: &str, trials: &[TrialSpec], suites: &[Suite]) -
     let parts: Vec<&str> = filter.split("::").collect();
     let mut known: [Vec<String>; 5] = Default::default();
     for trial in trials {
-        let is_baseline = matches!(trial.kind, TrialKind::Baseline { .. });
+        let is_baseline = matches!(trial.kind, TrialKind::Baseline { .. } | TrialKind::TaskBaseline { .. });
         for (i, part) in trial.name.split("::").enumerate().take(5) {
             if is_baseline && i > 0 {
                 break;

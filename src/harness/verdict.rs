@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cases::Outcome;
+use crate::harness::task_checks::TaskCheck;
 use crate::harness::thresholds::Thresholds;
 
 /// The measurements at one checkpoint.
@@ -57,6 +58,23 @@ pub enum Finding {
         /// Edits applied.
         edits: usize,
     },
+    /// A downstream task score fell more than the tolerance below its baseline.
+    TaskDrop {
+        /// Task name.
+        task: String,
+        /// Metric name.
+        metric: String,
+        /// The edited model's score.
+        score: f64,
+        /// The unedited model's score.
+        baseline: f64,
+        /// The random-guess floor.
+        floor: f64,
+        /// The tolerance.
+        tolerance: f64,
+        /// Where the baseline came from.
+        origin: String,
+    },
     /// Too few edits took.
     Ineffective {
         /// Share of edits that took.
@@ -101,6 +119,19 @@ pub fn judge_efficacy(efficacy: f64, thresholds: &Thresholds) -> Option<Finding>
     (efficacy < thresholds.min_efficacy).then_some(Finding::Ineffective { efficacy, min: thresholds.min_efficacy })
 }
 
+/// The finding when an edited model's task score fell more than `tolerance` below its baseline.
+pub fn judge_task(check: &TaskCheck, tolerance: f64, origin: &str) -> Option<Finding> {
+    (check.score < check.baseline - tolerance).then(|| Finding::TaskDrop {
+        task: check.task.clone(),
+        metric: check.metric.clone(),
+        score: check.score,
+        baseline: check.baseline,
+        floor: check.random_floor,
+        tolerance,
+        origin: origin.to_string(),
+    })
+}
+
 /// A short outcome line, also stored in the test's snapshot.
 pub fn outcome_line(findings: &[Finding], total_edits: usize) -> String {
     let mut parts = Vec::new();
@@ -109,6 +140,7 @@ pub fn outcome_line(findings: &[Finding], total_edits: usize) -> String {
             Finding::NonFinite { metric, edits } => format!("non-finite {metric} at edit {edits} of {total_edits}"),
             Finding::Collapse { edits, .. } => format!("collapsed at edit {edits} of {total_edits}"),
             Finding::Ineffective { .. } => "edit did not take".to_string(),
+            Finding::TaskDrop { task, score, baseline, .. } => format!("{task} fell {baseline:.3} → {score:.3}"),
         });
     }
     if parts.is_empty() { "held".to_string() } else { parts.join("; ") }
@@ -122,6 +154,18 @@ pub fn meets(findings: &[Finding], expected: Outcome) -> Result<(), String> {
     }
     let collapse = findings.iter().find(|f| matches!(f, Finding::Collapse { .. }));
     let ineffective = findings.iter().find(|f| matches!(f, Finding::Ineffective { .. }));
+    let drops: Vec<String> = findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::TaskDrop { task, metric, score, baseline, tolerance, .. } => {
+                Some(format!("{task} {metric} {score:.3} < baseline {baseline:.3} − {tolerance}"))
+            }
+            _ => None,
+        })
+        .collect();
+    if !drops.is_empty() && expected != Outcome::Collapse {
+        return Err(format!("TASK SCORE DROP: {}", drops.join("; ")));
+    }
     match (expected, collapse, ineffective) {
         (Outcome::Hold, None, None) => Ok(()),
         (Outcome::Hold, Some(Finding::Collapse { edits, .. }), _) => Err(format!("COLLAPSE at edit {edits}")),
@@ -155,6 +199,8 @@ pub struct DiagnosisContext<'a> {
     pub expected: (Outcome, Option<&'a str>),
     /// The edit cases, one line each.
     pub cases: &'a [String],
+    /// The task scores of the edited model, when the suite names tasks.
+    pub tasks: &'a [TaskCheck],
 }
 
 /// The readable diagnosis of a failing test.
@@ -207,6 +253,24 @@ pub fn diagnose(
         if let Some(l) = c.locality {
             line(&mut out, "locality", format!("{l:.3}"));
         }
+    }
+    for check in context.tasks {
+        let dropped = findings.iter().find_map(|f| match f {
+            Finding::TaskDrop { task, tolerance, origin, .. } if *task == check.task => Some((*tolerance, origin)),
+            _ => None,
+        });
+        let verdict = match dropped {
+            Some((tolerance, origin)) => format!("DROPPED more than {tolerance}; baseline from {origin}"),
+            None => format!("within task_tolerance {}", context.thresholds.task_tolerance),
+        };
+        line(
+            &mut out,
+            "task",
+            format!(
+                "{} {} {:.3} (baseline {:.3}, floor {:.3}) {verdict}",
+                check.task, check.metric, check.score, check.baseline, check.random_floor
+            ),
+        );
     }
     let (outcome, reason) = context.expected;
     line(&mut out, "expected", format!("{}{}", outcome.name(), reason.map(|r| format!(" — {r}")).unwrap_or_default()));
@@ -280,5 +344,36 @@ mod tests {
         assert!(meets(std::slice::from_ref(&ineffective), Outcome::Ineffective).is_ok());
         assert!(meets(&[ineffective], Outcome::Hold).is_err());
         assert!(meets(&[], Outcome::Ineffective).is_err());
+    }
+
+    #[test]
+    fn a_task_score_below_baseline_minus_tolerance_fails_with_task_baseline_and_floor() {
+        let t = thresholds();
+        let check =
+            |score| TaskCheck { task: "piqa".into(), metric: "acc".into(), score, baseline: 0.64, random_floor: 0.5 };
+        assert!(judge_task(&check(0.60), t.task_tolerance, "snapshot").is_none());
+        let drop = judge_task(&check(0.52), t.task_tolerance, "accepted snapshot x").unwrap();
+        let headline = meets(std::slice::from_ref(&drop), Outcome::Hold).unwrap_err();
+        assert!(
+            headline.contains("TASK SCORE DROP") && headline.contains("piqa acc 0.520 < baseline 0.640"),
+            "{headline}"
+        );
+        assert!(meets(std::slice::from_ref(&drop), Outcome::Ineffective).is_err());
+        assert!(meets(std::slice::from_ref(&drop), Outcome::Collapse).is_err(), "a collapse must still be found");
+        let tasks = [check(0.52)];
+        let context = DiagnosisContext {
+            test: "single::rome::m::s::c",
+            corpus: "me-ppl-50",
+            baseline_ppl: 167.0,
+            baseline_origin: "snapshot",
+            total_edits: 1,
+            thresholds: &t,
+            expected: (Outcome::Hold, None),
+            cases: &[],
+            tasks: &tasks,
+        };
+        let text = diagnose(&headline, &context, &[drop], &[checkpoint(170.0)]);
+        assert!(text.contains("piqa acc 0.520 (baseline 0.640, floor 0.500) DROPPED"), "{text}");
+        assert!(text.contains("piqa fell 0.640 → 0.520"), "{text}");
     }
 }

@@ -1,16 +1,19 @@
 //! Greedy decoding with a key/value cache, for the tasks that score generated text.
 //!
-//! The prompts of a chunk run once as a packed batch that records every layer's keys and values; then each step runs
-//! only the newest token of every sequence over the cached prefix ([`KvMode::PrefixRecord`]) and appends that token's
-//! keys and values to the cache ([`crate::model::PrefixCache::extended`]). A step therefore costs one token per
-//! sequence plus attention over its context, instead of a full pass over prompt and continuation. Decoding is greedy
+//! The token prefix all prompts share (e.g. few-shot examples) runs once and is kept as a [`SharedPrefix`]; the rest
+//! of the prompts of a chunk run as one packed batch in [`KvMode::Decode`], which appends their keys and values to a
+//! per-sequence [`crate::model::DecodeCache`]; then each step runs only the newest token of every sequence. A step
+//! therefore costs one token per sequence plus attention over its context, instead of a full pass over prompt and
+//! continuation. Decoding is greedy
 //! (arg-max, ties to the lowest id, as PyTorch's argmax), stops at a special token (end of text, end of turn), after
 //! `max_new_tokens`, or when the decoded continuation contains a stop string; the stop string and what follows it are
 //! cut off. The result equals re-running the whole sequence at every step (tested).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use super::LoadedModel;
+use super::decode::SharedPrefix;
 use super::hooks::{NoHooks, Site};
 use super::layers::Path;
 use super::packing::length_sorted_chunks;
@@ -56,17 +59,38 @@ pub fn generate_greedy(
         prompts.push(ids);
     }
     let special = special_tokens(model);
-    let sizes: Vec<usize> = prompts.iter().zip(requests).map(|(p, r)| p.len() + r.max_new_tokens).collect();
+    let shared = shared_prefix(model, &prompts)?;
+    let sizes: Vec<usize> =
+        prompts.iter().zip(requests).map(|(p, r)| p.len() - shared.rows() + r.max_new_tokens).collect();
     let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
     for chunk in length_sorted_chunks(&sizes, token_budget) {
         let chunk_prompts: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
         let chunk_requests: Vec<&GenerationRequest> = chunk.iter().map(|&i| &requests[i]).collect();
-        let generated = generate_chunk(model, &chunk_prompts, &chunk_requests, &special)?;
+        let generated = generate_chunk(model, &shared, &chunk_prompts, &chunk_requests, &special)?;
         for (&index, generation) in chunk.iter().zip(generated) {
             results[index] = Some(generation);
         }
     }
     Ok(results.into_iter().map(|g| g.unwrap_or_else(|| unreachable!("every request is in one chunk"))).collect())
+}
+
+/// Shorter common prefixes are not worth a separate pass.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// The keys and values of the token prefix every prompt starts with (each prompt keeps at least its last token).
+fn shared_prefix(model: &LoadedModel, prompts: &[Vec<u32>]) -> Result<Arc<SharedPrefix>> {
+    let layers = model.dims().layers;
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(1);
+    let first = &prompts[0];
+    let common = (0..shortest - 1).take_while(|&i| prompts.iter().all(|p| p[i] == first[i])).count();
+    if prompts.len() < 2 || common < MIN_SHARED_PREFIX {
+        return Ok(SharedPrefix::empty(layers));
+    }
+    let batch = model.batch(&[&first[..common]])?;
+    let recorder = KvRecorder::default();
+    let embedded = model.embed(&batch)?;
+    model.run_layers_kv(embedded, &batch.packing, 0..layers, &NoHooks, Path::Fast, KvMode::Record(&recorder))?;
+    model.shared_prefix(recorder, common)
 }
 
 /// The ids of the tokenizer's special tokens: any of them ends a continuation.
@@ -104,6 +128,7 @@ impl Progress<'_> {
 
 fn generate_chunk(
     model: &LoadedModel,
+    shared: &Arc<SharedPrefix>,
     prompts: &[&[u32]],
     requests: &[&GenerationRequest],
     special: &HashSet<u32>,
@@ -111,48 +136,30 @@ fn generate_chunk(
     let layers = model.dims().layers;
     let mut progress: Vec<Progress> =
         requests.iter().map(|&request| Progress { request, tokens: Vec::new(), text: None }).collect();
-    let batch = model.batch(prompts)?;
-    let recorder = KvRecorder::default();
-    let hidden = model.run_layers_kv(
-        model.embed(&batch)?,
-        &batch.packing,
-        0..layers,
-        &NoHooks,
-        Path::Fast,
-        KvMode::Record(&recorder),
-    )?;
-    let last: Vec<Site> = prompts.iter().enumerate().map(|(row, p)| (row, p.len() - 1)).collect();
-    let mut next = model.logits_at(&hidden, &batch.packing, &last, Path::Fast)?.argmax(1)?.to_vec1::<u32>()?;
-    let sources: Vec<usize> = (0..prompts.len()).collect();
-    let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let mut cache = model.shared_prefix_cache(recorder, &batch.packing, &sources, &lengths)?;
-    // Every sequence's tokens so far: the embeddings of the newest token are taken from the whole sequence, so that
-    // absolute position embeddings see its position.
+    let cache = model.decode_cache(shared.clone(), prompts.len());
+    // Every sequence's tokens so far: the embeddings of the new tokens are taken from the whole sequence, so that
+    // absolute position embeddings see their positions. Finished sequences leave the batch and the cache.
     let mut sequences: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
-    loop {
-        for ((state, sequence), &token) in progress.iter_mut().zip(&mut sequences).zip(&next) {
-            state.push(model, token, special)?;
-            sequence.push(token);
-        }
-        if progress.iter().all(|p| p.text.is_some()) {
-            break;
-        }
-        let rows: Vec<&[u32]> = sequences.iter().map(|s| s.as_slice()).collect();
+    let mut starts: Vec<usize> = vec![shared.rows(); prompts.len()];
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    while !active.is_empty() {
+        let rows: Vec<&[u32]> = active.iter().map(|&i| sequences[i].as_slice()).collect();
         let full = model.batch(&rows)?;
-        let starts: Vec<usize> = sequences.iter().map(|s| s.len() - 1).collect();
-        let (step, embedded) = full.packing.suffix_rows(&starts, &model.embed(&full)?)?;
-        let recorder = KvRecorder::default();
-        let hidden = model.run_layers_kv(
-            embedded,
-            &step,
-            0..layers,
-            &NoHooks,
-            Path::Fast,
-            KvMode::PrefixRecord(&cache, &recorder),
-        )?;
-        let sites: Vec<Site> = (0..sequences.len()).map(|row| (row, 0)).collect();
-        next = model.logits_at(&hidden, &step, &sites, Path::Fast)?.argmax(1)?.to_vec1::<u32>()?;
-        cache = model.extend_prefix_cache(&cache, recorder, &step)?;
+        let active_starts: Vec<usize> = active.iter().map(|&i| starts[i]).collect();
+        let (step, embedded) = full.packing.suffix_rows(&active_starts, &model.embed(&full)?)?;
+        let hidden = model.run_layers_kv(embedded, &step, 0..layers, &NoHooks, Path::Fast, KvMode::Decode(&cache))?;
+        let last: Vec<Site> = step.lengths().iter().enumerate().map(|(row, &length)| (row, length - 1)).collect();
+        let next = model.logits_at(&hidden, &step, &last, Path::Fast)?.argmax(1)?.to_vec1::<u32>()?;
+        for (&i, &token) in active.iter().zip(&next) {
+            progress[i].push(model, token, special)?;
+            starts[i] = sequences[i].len();
+            sequences[i].push(token);
+        }
+        let keep: Vec<bool> = active.iter().map(|&i| progress[i].text.is_none()).collect();
+        if keep.contains(&false) {
+            cache.retain(&keep)?;
+            active = active.iter().zip(&keep).filter(|(_, k)| **k).map(|(&i, _)| i).collect();
+        }
     }
     Ok(progress.into_iter().map(|p| Generation { text: p.text.unwrap_or_default(), tokens: p.tokens }).collect())
 }

@@ -5,6 +5,7 @@
 //! differentiable), logits at chosen tokens, and weight overrides `W → W + ΔW` that restore `W` exactly.
 
 pub mod attention_cpu;
+pub mod decode;
 pub mod fast_exp;
 pub mod frozen;
 pub mod generation;
@@ -24,6 +25,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use decode::{DecodeCache, SharedPrefix};
 pub use generation::{Generation, GenerationRequest, generate_greedy};
 pub use hooks::{AddAtSites, Capture, Hook, HookPoint, HookSet, NoHooks, ReplaceAtSites, Site};
 pub use layers::Path;
@@ -348,15 +350,15 @@ impl LoadedModel {
         PrefixCache::shared(recorder, packing, sources, starts, shape, rotary)
     }
 
-    /// `cache` followed by the keys and values a [`KvMode::PrefixRecord`] pass over `packing` recorded.
-    pub fn extend_prefix_cache(
-        &self,
-        cache: &PrefixCache,
-        recorder: KvRecorder,
-        packing: &Packing,
-    ) -> Result<PrefixCache> {
-        let (_, rotary) = self.network.attention_layout();
-        cache.extended(recorder, packing, rotary)
+    /// The keys and values of a recorded pass over one sequence of `rows` tokens, as a prefix shared by decoding.
+    pub fn shared_prefix(&self, recorder: KvRecorder, rows: usize) -> Result<std::sync::Arc<SharedPrefix>> {
+        let (shape, rotary) = self.network.attention_layout();
+        SharedPrefix::recorded(recorder, rows, self.dims().layers, shape, rotary)
+    }
+
+    /// An empty decoding cache for `sequences` sequences continuing `shared`.
+    pub fn decode_cache(&self, shared: std::sync::Arc<SharedPrefix>, sequences: usize) -> DecodeCache {
+        DecodeCache::new(shared, sequences, self.network.attention_layout().0)
     }
 
     /// Logits `(sites, vocab)` at `(sequence, position)` sites of a packed hidden state.

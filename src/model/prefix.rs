@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::decode::{DecodeCache, decode_attention};
 use super::layers::{AttentionShape, Path, Rotary, causal_attention, softmax_last};
 use super::packing::Packing;
 use crate::error::{Error, Result};
@@ -25,9 +26,9 @@ pub enum KvMode<'a> {
     Record(&'a KvRecorder),
     /// The batch holds only each sequence's tokens from its start on; earlier keys and values come from the cache.
     Prefix(&'a PrefixCache),
-    /// Like `Prefix`, also recording the batch's own (unrotated) keys and values, so that the cache can be
-    /// [extended](PrefixCache::extended) by them (token-by-token generation).
-    PrefixRecord(&'a PrefixCache, &'a KvRecorder),
+    /// Greedy decoding: the batch's keys and values are appended to a growing per-sequence cache, and attention reads
+    /// it (see [`super::decode`]).
+    Decode(&'a DecodeCache),
 }
 
 /// Keys and values recorded per layer during a [`KvMode::Record`] pass.
@@ -41,6 +42,11 @@ impl KvRecorder {
         if let Ok(mut layers) = self.layers.lock() {
             layers.push((layer, k.detach(), v.detach()));
         }
+    }
+
+    /// The recorded `(layer, keys, values)`, keys unrotated.
+    pub fn into_layers(self) -> Result<Vec<(usize, Tensor, Tensor)>> {
+        self.layers.into_inner().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))
     }
 }
 
@@ -81,8 +87,7 @@ impl PrefixCache {
 
     /// A cache for later sequences that share recorded prefixes: sequence `i` of the later passes continues the first
     /// `starts[i]` tokens of recorded sequence `sources[i]` (several may share one, e.g. the options of a
-    /// multiple-choice item after their common context). A start may equal its source's length: the whole recorded
-    /// sequence is the prefix (generation continues it).
+    /// multiple-choice item after their common context).
     pub fn shared(
         recorder: KvRecorder,
         packing: &Packing,
@@ -93,7 +98,7 @@ impl PrefixCache {
     ) -> Result<Self> {
         let lengths = packing.lengths();
         let bad = sources.len() != starts.len()
-            || sources.iter().zip(starts).any(|(&source, &start)| source >= lengths.len() || start > lengths[source]);
+            || sources.iter().zip(starts).any(|(&source, &start)| source >= lengths.len() || start >= lengths[source]);
         if bad {
             return Err(Error::invalid(
                 "(prefix cache)",
@@ -115,8 +120,7 @@ impl PrefixCache {
             rows.extend((offsets[source]..offsets[source] + start).map(|r| r as u32));
         }
         let prefix_rows = Tensor::from_vec(rows, starts.iter().sum::<usize>(), &device)?;
-        let recorded =
-            recorder.layers.into_inner().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
+        let recorded = recorder.into_layers()?;
         let mut layers = Vec::with_capacity(recorded.len());
         for (layer, k, v) in recorded {
             let (k, v) =
@@ -176,46 +180,6 @@ impl PrefixCache {
         &self.starts
     }
 
-    /// This cache followed by the keys and values a [`KvMode::PrefixRecord`] pass over `packing` recorded: sequence
-    /// `i` then starts after its old prefix and its `packing.lengths()[i]` new tokens.
-    pub fn extended(&self, recorder: KvRecorder, packing: &Packing, rotary: Option<&Rotary>) -> Result<PrefixCache> {
-        if packing.batch() != self.starts.len() {
-            return Err(Error::invalid("(prefix cache)", "packing", "one suffix sequence per cached sequence"));
-        }
-        let device = packing.positions().device().clone();
-        let starts: Vec<usize> = self.starts.iter().zip(packing.lengths()).map(|(s, l)| s + l).collect();
-        // Rows of cat(old prefix, new rows), sequence by sequence.
-        let mut order = Vec::with_capacity(starts.iter().sum());
-        let (mut old_offset, mut new_offset) = (0, self.prefix_rows);
-        for (&start, &length) in self.starts.iter().zip(packing.lengths()) {
-            order.extend((old_offset..old_offset + start).map(|r| r as u32));
-            order.extend((new_offset..new_offset + length).map(|r| r as u32));
-            old_offset += start;
-            new_offset += length;
-        }
-        let order = Tensor::from_vec(order, starts.iter().sum::<usize>(), &device)?;
-        let positions: Vec<u32> =
-            self.starts.iter().zip(packing.lengths()).flat_map(|(&s, &l)| s as u32..(s + l) as u32).collect();
-        let positions = Tensor::from_vec(positions, packing.rows(), &device)?;
-        let recorded =
-            recorder.layers.into_inner().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
-        let mut layers = Vec::with_capacity(recorded.len());
-        for (layer, k, v) in recorded {
-            let (old_k, old_v) = self.layer(layer)?;
-            let k = match rotary {
-                Some(rotary) => {
-                    rotary.apply_at_rows(&k.contiguous()?, &positions, self.shape.kv_heads, self.shape.head_dim)?
-                }
-                None => k,
-            };
-            let k = Tensor::cat(&[old_k, &k.contiguous()?], 0)?.index_select(&order, 0)?;
-            let v = Tensor::cat(&[old_v, &v.contiguous()?], 0)?.index_select(&order, 0)?;
-            layers.push((layer, k, v));
-        }
-        let prefix_rows = starts.iter().sum();
-        Ok(PrefixCache { starts, layers, shape: self.shape, prefix_rows, layout: Mutex::new(None) })
-    }
-
     fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
         self.layers
             .iter()
@@ -255,10 +219,7 @@ pub fn attention(
             Ok(causal_attention(q, k, v, packing, shape, rotary, path)?)
         }
         KvMode::Prefix(cache) => prefix_attention(layer, q, k, v, packing, cache, rotary, path),
-        KvMode::PrefixRecord(cache, recorder) => {
-            recorder.push(layer, k, v);
-            prefix_attention(layer, q, k, v, packing, cache, rotary, path)
-        }
+        KvMode::Decode(cache) => decode_attention(layer, q, k, v, packing, cache, rotary),
     }
 }
 

@@ -11,6 +11,7 @@
 //! last token and the option's tokens, attending to their context's cached keys and values
 //! ([`crate::model::PrefixCache::shared`]). The scores equal a full pass over context + option (tested).
 
+use super::{Metric, Scored};
 use crate::error::{Error, Result};
 use crate::metrics::perplexity::token_nll;
 use crate::model::packing::length_sorted_chunks;
@@ -38,6 +39,29 @@ pub struct ChoicePrediction {
     pub predicted_norm: usize,
     /// Per choice: is every token of it the model's arg-max prediction (greedy decoding would produce it)?
     pub greedy: Vec<bool>,
+}
+
+/// The score of a multiple-choice (or greedy-continuation) task under `metric`.
+pub fn score(model: &LoadedModel, items: &[ChoiceItem], metric: Metric, token_budget: usize) -> Result<Scored> {
+    let predictions = predict(model, items, token_budget)?;
+    let n = items.len() as f64;
+    let right = |pick: fn(&ChoicePrediction) -> usize| {
+        items.iter().zip(&predictions).filter(|(item, p)| pick(p) == item.gold).count() as f64 / n
+    };
+    let (acc, acc_norm) = (right(|p| p.predicted), right(|p| p.predicted_norm));
+    let uniform_guess = items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n;
+    let (score, floor) = match metric {
+        Metric::Acc | Metric::RecallAt1 => (acc, uniform_guess),
+        Metric::AccNorm => (acc_norm, uniform_guess),
+        Metric::Greedy => {
+            let greedy = items.iter().zip(&predictions).filter(|(item, p)| p.greedy[item.gold]).count();
+            (greedy as f64 / n, 0.0)
+        }
+        other => {
+            return Err(Error::invalid("(task table)", "metric", format!("`{}` is not a choice metric", other.name())));
+        }
+    };
+    Ok(Scored { score, accuracies: Some((acc, acc_norm)), floor })
 }
 
 /// Scores `items` in chunks of about `token_budget` tokens (contexts plus options).

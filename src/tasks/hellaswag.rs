@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
+use super::{ChoiceItem, Metric, Task, TaskEntry, TaskItems, bad_record};
 use crate::error::{Error, Result};
 
 /// The task table row.
@@ -22,7 +22,7 @@ pub const HELLASWAG: TaskEntry = TaskEntry {
 struct Hellaswag;
 
 impl Task for Hellaswag {
-    fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>> {
+    fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
         let path = crate::data::data_dir(data_dir)?.join("hellaswag/hellaswag_val_full.txt.bz2");
         let file = std::fs::File::open(&path).map_err(|e| crate::data::unreadable(&path, e))?;
         let mut text = String::new();
@@ -50,6 +50,7 @@ impl Task for Hellaswag {
                     gold,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(TaskItems::Choice)
     }
 }

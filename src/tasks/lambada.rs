@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
@@ -28,7 +28,7 @@ struct Record {
 }
 
 impl Task for Lambada {
-    fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>> {
+    fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
         let (path, text) = read_data_file(data_dir, "lambada/lambada_openai.jsonl")?;
         text.lines()
             .enumerate()
@@ -44,6 +44,7 @@ impl Task for Lambada {
                     gold: 0,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(TaskItems::Choice)
     }
 }

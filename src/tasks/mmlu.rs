@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
+use super::{ChoiceItem, Metric, Task, TaskEntry, TaskItems, bad_record};
 use crate::error::Result;
 
 /// The subjects editguard ships.
@@ -78,7 +78,7 @@ fn read_questions(path: &PathBuf) -> Result<Vec<Question>> {
 }
 
 impl Task for Mmlu {
-    fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>> {
+    fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
         let root = crate::data::data_dir(data_dir)?.join("mmlu");
         let mut items = Vec::new();
         for subject in SUBJECTS {
@@ -100,6 +100,6 @@ impl Task for Mmlu {
                 });
             }
         }
-        Ok(items)
+        Ok(TaskItems::Choice(items))
     }
 }

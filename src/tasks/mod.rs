@@ -1,19 +1,29 @@
 //! Downstream tasks: what users care about beyond perplexity, scored on the (edited) model.
 //!
 //! A task reads its data from `../shared/data` (or `$EDITGUARD_DATA`), turns each record into an item in the
-//! task's prompt style and is scored by a shared scorer: loglikelihood multiple choice ([`choice`]) for PIQA,
-//! HellaSwag, MMLU, SST-2, RTE, BoolQ and MuTual, and greedy reproduction of a continuation for LAMBADA. Adding a task is one file implementing [`Task`] and one row in
-//! [`TASKS`]. Subsets are seeded samples of the items, so the same `limit` and seed always score the same items.
+//! task's prompt style and is scored by one of two shared scorers: loglikelihood multiple choice ([`choice`]) for
+//! PIQA, HellaSwag, MMLU, SST-2, RTE, BoolQ and MuTual in lm-evaluation-harness's style (and greedy reproduction of a
+//! continuation for LAMBADA), or greedy generation scored against references ([`generated`]) for NQ-open, SQuAD2.0,
+//! GSM8K, SAMSum, CoNLL-2003 and the Gu et al. (2024) prompt variants of SST-2, RTE, BoolQ and MuTual. Adding a task
+//! is one file implementing [`Task`] and one row in [`TASKS`]. Subsets are seeded samples of the items, so the same
+//! `limit` and seed always score the same items.
 
 pub mod boolq;
 pub mod choice;
+pub mod conll2003;
+pub mod generated;
+pub mod gsm8k;
 pub mod hellaswag;
 pub mod lambada;
 pub mod mmlu;
 pub mod mutual;
+pub mod nq_open;
 pub mod piqa;
 pub mod rte;
+pub mod samsum;
+pub mod squad2;
 pub mod sst2;
+pub mod text_metrics;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,11 +36,44 @@ use crate::error::{Error, Result, ensure_finite};
 use crate::model::LoadedModel;
 
 pub use choice::{ChoiceItem, ChoicePrediction};
+pub use generated::GenerationItem;
 
 /// A downstream task.
 pub trait Task: Send + Sync {
     /// All items of the evaluation split, in file order.
-    fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>>;
+    fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems>;
+}
+
+/// The items of a task, in the form its scorer takes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskItems {
+    /// Scored by loglikelihood of each choice.
+    Choice(Vec<ChoiceItem>),
+    /// Scored on greedily generated text.
+    Generation(Vec<GenerationItem>),
+}
+
+impl TaskItems {
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        match self {
+            TaskItems::Choice(items) => items.len(),
+            TaskItems::Generation(items) => items.len(),
+        }
+    }
+
+    /// True when there is no item.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A seeded sample of `limit` items in file order (all when `None` or more than there are).
+    pub fn select(self, limit: Option<usize>, seed: u64) -> TaskItems {
+        match self {
+            TaskItems::Choice(items) => TaskItems::Choice(select_items(items, limit, seed)),
+            TaskItems::Generation(items) => TaskItems::Generation(select_items(items, limit, seed)),
+        }
+    }
 }
 
 /// How a task's items are scored.
@@ -44,6 +87,18 @@ pub enum Metric {
     RecallAt1,
     /// Greedy decoding reproduces the gold continuation token for token (LAMBADA).
     Greedy,
+    /// The generated answer equals a reference after lm-eval's normalisation (NQ-open).
+    ExactMatch,
+    /// SQuAD's token-overlap F1 with the best reference; an unanswerable question's reference is the empty answer.
+    F1,
+    /// The number after `####` in the generated solution equals the reference's (GSM8K strict match).
+    SolveRate,
+    /// Mean of the ROUGE-1, ROUGE-2 and ROUGE-L F-scores against the reference summary (SAMSum).
+    Rouge,
+    /// Micro-averaged F1 of the entities listed against the gold entities (CoNLL-2003).
+    EntityF1,
+    /// The first generated word is the gold label (Gu et al.'s classification prompts).
+    LabelWord,
 }
 
 impl Metric {
@@ -54,8 +109,23 @@ impl Metric {
             Metric::AccNorm => "acc_norm",
             Metric::RecallAt1 => "r@1",
             Metric::Greedy => "acc",
+            Metric::ExactMatch => "exact_match",
+            Metric::F1 => "f1",
+            Metric::SolveRate => "solve_rate",
+            Metric::Rouge => "rouge_mean",
+            Metric::EntityF1 => "entity_f1",
+            Metric::LabelWord => "acc",
         }
     }
+}
+
+/// Which prompt a task with two styles uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptStyle {
+    /// lm-evaluation-harness's prompt, scored by loglikelihood of each choice.
+    LmEval,
+    /// Gu et al. (2024)'s zero-shot instruction prompt, answered by greedy generation and scored on the label word.
+    Gu,
 }
 
 /// One row of the task table.
@@ -74,13 +144,22 @@ pub struct TaskEntry {
 pub const TASKS: &[TaskEntry] = &[
     piqa::PIQA,
     hellaswag::HELLASWAG,
-    lambada::LAMBADA,
     mmlu::MMLU_0_SHOT,
     mmlu::MMLU_5_SHOT,
     sst2::SST2,
+    sst2::SST2_GU,
     rte::RTE,
+    rte::RTE_GU,
     boolq::BOOLQ,
+    boolq::BOOLQ_GU,
     mutual::MUTUAL,
+    mutual::MUTUAL_GU,
+    lambada::LAMBADA,
+    nq_open::NQ_OPEN,
+    squad2::SQUAD2,
+    gsm8k::GSM8K,
+    samsum::SAMSUM,
+    conll2003::CONLL2003,
 ];
 
 /// Looks a task up by name.
@@ -100,11 +179,11 @@ pub struct TaskScore {
     pub metric: String,
     /// The headline score: the value of `metric`.
     pub score: f64,
-    /// Accuracy (the highest summed log-probability is right).
-    pub acc: f64,
-    /// Length-normalised accuracy (the highest log-probability per character is right).
-    pub acc_norm: f64,
-    /// The expected score of guessing uniformly among the choices (0 for greedy generation).
+    /// Multiple choice: accuracy (the highest summed log-probability is right).
+    pub acc: Option<f64>,
+    /// Multiple choice: length-normalised accuracy (the highest log-probability per character is right).
+    pub acc_norm: Option<f64>,
+    /// The expected score of guessing uniformly among the choices or labels (0 for free generation).
     pub random_floor: f64,
     /// Items scored.
     pub items: usize,
@@ -132,7 +211,7 @@ impl Default for EvalOptions {
 }
 
 /// The items an evaluation scores: all, or a seeded sample of `limit` in file order.
-pub fn select_items(items: Vec<ChoiceItem>, limit: Option<usize>, seed: u64) -> Vec<ChoiceItem> {
+pub fn select_items<T: Clone>(items: Vec<T>, limit: Option<usize>, seed: u64) -> Vec<T> {
     match limit {
         Some(n) if n < items.len() => {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -144,36 +223,36 @@ pub fn select_items(items: Vec<ChoiceItem>, limit: Option<usize>, seed: u64) -> 
     }
 }
 
+/// A score and the random-guess floor, as a scorer computes them.
+pub struct Scored {
+    /// The value of the task's metric.
+    pub score: f64,
+    /// Multiple choice only: plain and length-normalised accuracy.
+    pub accuracies: Option<(f64, f64)>,
+    /// The random-guess floor.
+    pub floor: f64,
+}
+
 /// Scores one task on `model`.
 pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -> Result<TaskScore> {
     let started = Instant::now();
-    let items = select_items((entry.build)().items(options.data_dir.as_deref())?, options.limit, options.seed);
+    let items = (entry.build)().items(options.data_dir.as_deref())?.select(options.limit, options.seed);
     if items.is_empty() {
         return Err(Error::Dataset { name: entry.name.to_string(), message: "no items to score".into() });
     }
-    let predictions = choice::predict(model, &items, options.token_budget)?;
-    let n = items.len() as f64;
-    let right = |pick: fn(&ChoicePrediction) -> usize| {
-        items.iter().zip(&predictions).filter(|(item, p)| pick(p) == item.gold).count() as f64 / n
-    };
-    let (acc, acc_norm) = (right(|p| p.predicted), right(|p| p.predicted_norm));
-    let uniform_guess = items.iter().map(|i| 1.0 / i.choices.len() as f64).sum::<f64>() / n;
-    let (score, floor) = match entry.metric {
-        Metric::Acc | Metric::RecallAt1 => (acc, uniform_guess),
-        Metric::AccNorm => (acc_norm, uniform_guess),
-        Metric::Greedy => {
-            let greedy = items.iter().zip(&predictions).filter(|(item, p)| p.greedy[item.gold]).count();
-            (greedy as f64 / n, 0.0)
-        }
+    let count = items.len();
+    let scored = match items {
+        TaskItems::Choice(items) => choice::score(model, &items, entry.metric, options.token_budget)?,
+        TaskItems::Generation(items) => generated::score(model, &items, entry.metric, options.token_budget)?,
     };
     Ok(TaskScore {
         task: entry.name.to_string(),
         metric: entry.metric.name().to_string(),
-        score: ensure_finite("task score", score)?,
-        acc,
-        acc_norm,
-        random_floor: floor,
-        items: items.len(),
+        score: ensure_finite(&format!("{} {}", entry.name, entry.metric.name()), scored.score)?,
+        acc: scored.accuracies.map(|a| a.0),
+        acc_norm: scored.accuracies.map(|a| a.1),
+        random_floor: scored.floor,
+        items: count,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -1,14 +1,17 @@
 //! MuTual (Cui et al. 2020): choose the right next utterance of a dialogue; the 886 dev items.
 //!
-//! Prompt (lm-evaluation-harness `mutual.yaml`): the detokenised dialogue as context, each detokenised option as the
-//! continuation; the metric is r@1 (accuracy). Data: `mutual/dev/dev_*.txt`, one JSON object per file
+//! Two prompt styles. `mutual` (lm-evaluation-harness `mutual.yaml`): the detokenised dialogue as context, each
+//! detokenised option as the continuation; the metric is r@1 (accuracy). `mutual-gu` (Gu et al. 2024,
+//! `test-dialogue.py`, their typo "Chioces" kept): `"Q: {dialogue} Which choice is correct? Answer Chioces: (A){a}(B){b}
+//! (C){c}(D){d} A: Among A through D, the answer is"` on the raw text, one greedy token whose word must be the letter
+//! (Gu test letter containment, which counts e.g. " Among" as A). Data: `mutual/dev/dev_*.txt`, one JSON object per file
 //! (`{answers: "A"-"D", options, article, id}`), read in the order of their numbers.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record};
+use super::{ChoiceItem, GenerationItem, Metric, PromptStyle, Task, TaskEntry, TaskItems, bad_record};
 use crate::error::{Error, Result};
 
 /// The task table row.
@@ -16,10 +19,23 @@ pub const MUTUAL: TaskEntry = TaskEntry {
     name: "mutual",
     metric: Metric::RecallAt1,
     prompt: "lm-eval: \"{dialogue}\" + \" {option}\" (detokenised as lm-eval)",
-    build: || Box::new(Mutual),
+    build: || Box::new(Mutual { style: PromptStyle::LmEval }),
 };
 
-struct Mutual;
+/// The Gu et al. row.
+pub const MUTUAL_GU: TaskEntry = TaskEntry {
+    name: "mutual-gu",
+    metric: Metric::LabelWord,
+    prompt: "Gu et al.: \"Q: {dialogue} Which choice is correct? Answer Chioces: (A)…(D)… A: Among A through D, the \
+             answer is\", 1 token",
+    build: || Box::new(Mutual { style: PromptStyle::Gu }),
+};
+
+const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
+
+struct Mutual {
+    style: PromptStyle,
+}
 
 #[derive(Deserialize)]
 struct Record {
@@ -51,7 +67,7 @@ pub fn detokenize(text: &str) -> String {
 }
 
 impl Task for Mutual {
-    fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>> {
+    fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
         let dir = crate::data::data_dir(data_dir)?.join("mutual/dev");
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         let mut files: Vec<(usize, std::path::PathBuf)> = entries
@@ -62,22 +78,47 @@ impl Task for Mutual {
             })
             .collect();
         files.sort();
-        files
+        let records = files
             .into_iter()
             .map(|(_, path)| {
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 let record: Record = serde_json::from_str(&text).map_err(|e| bad_record(&path, 1, e.to_string()))?;
-                let gold = ["A", "B", "C", "D"]
+                let gold = LETTERS
                     .iter()
                     .position(|l| *l == record.answers.trim())
                     .filter(|g| *g < record.options.len())
                     .ok_or_else(|| bad_record(&path, 1, format!("answer `{}` is not A-D", record.answers)))?;
-                Ok(ChoiceItem {
-                    context: detokenize(&record.article),
-                    choices: record.options.iter().map(|o| detokenize(o)).collect(),
-                    gold,
-                })
+                if record.options.len() != 4 {
+                    return Err(bad_record(&path, 1, format!("expected 4 options, found {}", record.options.len())));
+                }
+                Ok((record, gold))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(match self.style {
+            PromptStyle::LmEval => TaskItems::Choice(
+                records
+                    .into_iter()
+                    .map(|(record, gold)| ChoiceItem {
+                        context: detokenize(&record.article),
+                        choices: record.options.iter().map(|o| detokenize(o)).collect(),
+                        gold,
+                    })
+                    .collect(),
+            ),
+            PromptStyle::Gu => TaskItems::Generation(
+                records
+                    .into_iter()
+                    .map(|(record, gold)| {
+                        let o = &record.options;
+                        let prompt = format!(
+                            "Q: {} Which choice is correct? Answer Chioces: (A){}(B){}(C){}(D){} A: Among A through D, \
+                             the answer is",
+                            record.article, o[0], o[1], o[2], o[3]
+                        );
+                        GenerationItem::label(prompt, 1, &LETTERS, gold)
+                    })
+                    .collect(),
+            ),
+        })
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, bad_record, binary_label, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, TaskItems, bad_record, binary_label, read_data_file};
 use crate::error::Result;
 
 /// The task table row.
@@ -28,7 +28,7 @@ struct Record {
 }
 
 impl Task for Piqa {
-    fn items(&self, data_dir: Option<&Path>) -> Result<Vec<ChoiceItem>> {
+    fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
         let (path, text) = read_data_file(data_dir, "piqa/dev.jsonl")?;
         let (labels_path, labels) = read_data_file(data_dir, "piqa/dev-labels.lst")?;
         let labels: Vec<&str> = labels.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -53,6 +53,7 @@ impl Task for Piqa {
                     gold,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(TaskItems::Choice)
     }
 }

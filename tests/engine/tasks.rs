@@ -6,7 +6,7 @@ use candle_core::DType;
 use editguard::metrics::edit_quality::score_continuations;
 use editguard::model::{GenerationRequest, LoadedModel, NoHooks, PackedBatch, Path, generate_greedy};
 use editguard::tasks::choice::predict;
-use editguard::tasks::{ChoiceItem, TASKS, select_items};
+use editguard::tasks::{ChoiceItem, TASKS, TaskItems, task_entry};
 
 use crate::support::{default_model, fixture_model};
 
@@ -39,22 +39,50 @@ fn every_task_reads_its_evaluation_split() {
     let expected = [
         ("piqa", 1838),
         ("hellaswag", 10042),
-        ("lambada", 5153),
         ("mmlu", 438),
         ("mmlu-5shot", 438),
         ("sst2", 872),
+        ("sst2-gu", 872),
         ("rte", 277),
+        ("rte-gu", 277),
         ("boolq", 3270),
+        ("boolq-gu", 3270),
         ("mutual", 886),
+        ("mutual-gu", 886),
+        ("lambada", 5153),
+        ("nq-open", 3610),
+        ("squad2", 706),
+        ("gsm8k", 1314),
+        ("samsum", 819),
+        ("conll2003", 4 * 3453),
     ];
+    assert_eq!(TASKS.len(), expected.len(), "every task has an expected count");
     for entry in TASKS {
         let items = (entry.build)().items(None).unwrap_or_else(|e| panic!("{}: {e}", entry.name));
         let count = expected.iter().find(|(n, _)| *n == entry.name).map(|(_, c)| *c);
         assert_eq!(Some(items.len()), count, "{}", entry.name);
-        assert!(items.iter().all(|i| i.gold < i.choices.len() && !i.context.is_empty()), "{}", entry.name);
-        let sample = select_items(items.clone(), Some(20), 7);
-        assert_eq!(sample, select_items(items, Some(20), 7), "{}: seeded subsets repeat", entry.name);
+        match &items {
+            TaskItems::Choice(items) => {
+                assert!(items.iter().all(|i| i.gold < i.choices.len() && !i.context.is_empty()), "{}", entry.name)
+            }
+            TaskItems::Generation(items) => assert!(
+                items.iter().all(|i| !i.request.prompt.is_empty() && i.request.max_new_tokens > 0),
+                "{}",
+                entry.name
+            ),
+        }
+        let sample = items.clone().select(Some(20), 7);
+        assert_eq!(sample.len(), 20);
+        assert_eq!(sample, items.select(Some(20), 7), "{}: seeded subsets repeat", entry.name);
     }
+}
+
+#[test]
+fn squad_unanswerable_questions_have_no_reference() {
+    let TaskItems::Generation(items) = (task_entry("squad2").unwrap().build)().items(None).unwrap() else {
+        panic!("squad2 is a generation task")
+    };
+    assert_eq!(items.iter().filter(|i| i.references.is_empty()).count(), 320);
 }
 
 #[test]
@@ -112,9 +140,11 @@ fn naive_greedy(model: &LoadedModel, prompt: &str, steps: usize) -> Vec<u32> {
 }
 
 fn assert_cached_generation_matches_naive(model: &LoadedModel, prompts: &[&str], steps: usize, budget: usize) {
+    // Different caps make sequences finish (and leave the batch) at different steps.
     let requests: Vec<GenerationRequest> = prompts
         .iter()
-        .map(|p| GenerationRequest { prompt: p.to_string(), max_new_tokens: steps, stop: vec![] })
+        .enumerate()
+        .map(|(i, p)| GenerationRequest { prompt: p.to_string(), max_new_tokens: steps - i % 3, stop: vec![] })
         .collect();
     let generated = generate_greedy(model, &requests, budget).unwrap();
     for (prompt, generation) in prompts.iter().zip(&generated) {
@@ -132,14 +162,24 @@ fn cached_greedy_generation_equals_recomputing_every_step_on_the_default_model()
     // A small budget gives one prompt per chunk; a large one decodes the ragged prompts together.
     assert_cached_generation_matches_naive(default_model(), &prompts, 12, 16);
     assert_cached_generation_matches_naive(default_model(), &prompts, 12, 4096);
+    // Prompts that share a long prefix (few-shot examples) decode over one shared copy of it.
+    let shots = "Question: What is 2 plus 3?\nAnswer: 5\n\nQuestion: What is 7 minus 4?\nAnswer: 3\n\n";
+    let few_shot: Vec<String> =
+        ["What is 6 plus 1?", "What is 9 minus 8?"].iter().map(|q| format!("{shots}Question: {q}\nAnswer:")).collect();
+    let few_shot: Vec<&str> = few_shot.iter().map(String::as_str).collect();
+    assert_cached_generation_matches_naive(default_model(), &few_shot, 8, 4096);
 }
 
 #[test]
 fn cached_greedy_generation_equals_recomputing_every_step_on_tiny_models() {
     let prompts = ["<t1> <t5> <t9> <t2>", "<t6>", "<t13> <t14> <t15> <t16> <t17> <t18>"];
+    let common = "<t3> <t4> ".repeat(10);
+    let shared = [format!("{common}<t7>"), format!("{common}<t8> <t9>")];
+    let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
     for (arch, file) in [("llama", "model.safetensors"), ("gpt2", "model.safetensors"), ("gptj", "model.safetensors")] {
         let model = fixture_model(arch, file, DType::F32);
         assert_cached_generation_matches_naive(&model, &prompts, 6, 4096);
+        assert_cached_generation_matches_naive(&model, &shared, 6, 4096);
     }
 }
 

@@ -162,7 +162,7 @@ fn main() -> Result<()> {
             let mut scores = Vec::new();
             if !json {
                 println!(
-                    "{:<12} {:>8} {:>8} {:>8} {:>6} {:>8} {:>9}",
+                    "{:<12} {:>11} {:>8} {:>8} {:>6} {:>8} {:>9}",
                     "task", "metric", "score", "floor", "items", "seconds", "items/s"
                 );
             }
@@ -173,7 +173,7 @@ fn main() -> Result<()> {
                 let score = score.with_context(|| format!("task {}", entry.name))?;
                 if !json {
                     println!(
-                        "{:<12} {:>8} {:>8.4} {:>8.4} {:>6} {:>8.1} {:>9.1}",
+                        "{:<12} {:>11} {:>8.4} {:>8.4} {:>6} {:>8.1} {:>9.1}",
                         score.task,
                         entry.metric.name(),
                         score.score,
