@@ -3,7 +3,8 @@
 //! Speed and memory are measured here, never asserted in timed tests. Figures: model load time (including fetch from
 //! the cache and dequantisation), tokens/s of batched ME-PPL_50 perplexity, seconds per forward + backward step through
 //! the differentiable path for a short prompt with a vector injected at an MLP output (the inner loop of ROME), and
-//! the seconds per edit of each editing method, and the process's peak resident memory.
+//! the seconds per edit of each editing method, items/s of each downstream task on a seeded sample, and the
+//! process's peak resident memory.
 
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::metrics::perplexity::{PerplexityOptions, perplexity};
 use crate::model::{AddAtSites, HookPoint, LoadedModel, Path};
+use crate::tasks::{EvalOptions, TaskEntry, evaluate};
 
 /// What `editguard bench` prints.
 #[derive(Debug, Clone, Serialize)]
@@ -36,10 +38,25 @@ pub struct BenchReport {
     /// Seconds per edit for each method with hyper-parameters for this model: (method, first edit including context
     /// template generation, a second edit with the templates cached).
     pub edit_seconds: Vec<(String, f64, f64)>,
+    /// Downstream task throughput on a seeded sample.
+    pub task_speed: Vec<TaskSpeed>,
     /// Peak resident memory of the process in MiB, where the OS reports it.
     pub peak_memory_mib: Option<f64>,
     /// Logical CPUs seen.
     pub cpus: usize,
+}
+
+/// Throughput of one task.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskSpeed {
+    /// Task name.
+    pub task: String,
+    /// Items scored.
+    pub items: usize,
+    /// Seconds, data loading included.
+    pub seconds: f64,
+    /// Items per second.
+    pub items_per_second: f64,
 }
 
 /// Times one method: two edits of COUNTERFACT case 0 with the same method instance, undone after each.
@@ -69,6 +86,7 @@ pub fn run(
     sentences: &[String],
     repeats: usize,
     options: PerplexityOptions,
+    (tasks, task_options): (&[&TaskEntry], &EvalOptions),
 ) -> Result<BenchReport> {
     let repeats = repeats.max(1);
     let mut best = f64::INFINITY;
@@ -91,6 +109,16 @@ pub fn run(
         let (first, second) = edit_seconds(model, registry, method)?;
         edit_times.push((method.clone(), first, second));
     }
+    let mut task_speed = Vec::new();
+    for entry in tasks {
+        let score = evaluate(model, entry, task_options)?;
+        task_speed.push(TaskSpeed {
+            task: score.task,
+            items: score.items,
+            seconds: score.seconds,
+            items_per_second: score.items as f64 / score.seconds,
+        });
+    }
     Ok(BenchReport {
         model: model.id.clone(),
         load_seconds: model.load_seconds,
@@ -101,6 +129,7 @@ pub fn run(
         step_prompt_tokens: prompt.len(),
         step_seconds: steps[steps.len() / 2],
         edit_seconds: edit_times,
+        task_speed,
         peak_memory_mib: peak_memory_mib(),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     })

@@ -22,6 +22,7 @@
 pub mod bench;
 pub mod cache;
 pub mod cases;
+pub mod correlate;
 pub mod data;
 pub mod error;
 pub mod harness;

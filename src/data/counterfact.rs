@@ -51,7 +51,7 @@ impl EditDataset {
 
     /// The dataset file under the data directory.
     pub fn locate(self, data_dir: Option<&Path>) -> Result<PathBuf> {
-        Ok(super::data_dir(data_dir)?.join(self.relative_path()))
+        super::data_file(data_dir, self.relative_path())
     }
 
     /// All usable records as requests, in file order.

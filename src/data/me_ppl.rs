@@ -55,7 +55,7 @@ impl Corpus {
             }
             Corpus::File(path) => return Ok(PathBuf::from(path)),
         };
-        Ok(super::data_dir(data_dir)?.join("ME-PPL").join(file))
+        super::data_file(data_dir, &format!("ME-PPL/{file}"))
     }
 
     /// Reads the sentences.

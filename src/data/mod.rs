@@ -2,8 +2,9 @@
 //!
 //! Datasets are read from a data directory laid out like `../shared/data` (see its README): `--data-dir`, else
 //! `$EDITGUARD_DATA`, else the first of `./data`, `../shared/data` and `<crate>/../shared/data` that exists. Users
-//! with network access can instead name a file of a Hub dataset repository as `hf://<owner>/<repo>/<path>`, fetched
-//! with hf-hub into its usual cache.
+//! with network access can instead give a Hub dataset repository with the same layout as the data directory,
+//! `--data-dir hf://<owner>/<repo>` (each file is fetched with hf-hub into its usual cache when first read), or name
+//! a single file of a Hub dataset repository as `hf://<owner>/<repo>/<path>` (a perplexity corpus).
 
 pub mod counterfact;
 pub mod me_ppl;
@@ -50,13 +51,30 @@ pub fn data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn existing_dir(dir: PathBuf, what: &str) -> Result<PathBuf> {
-    if dir.is_dir() {
+    if hub_root(&dir).is_some() || dir.is_dir() {
         Ok(dir)
     } else {
         Err(Error::Dataset {
             name: "(data directory)".into(),
             message: format!("{what} = {} is not a directory", dir.display()),
         })
+    }
+}
+
+/// The `hf://<owner>/<repo>` address of a data directory on the Hub, if `dir` is one.
+fn hub_root(dir: &Path) -> Option<String> {
+    let text = dir.to_str()?;
+    let rest = text.strip_prefix("hf://")?.trim_end_matches('/');
+    (rest.split('/').count() == 2).then(|| format!("hf://{rest}"))
+}
+
+/// The local path of file `relative` of the data directory (see [`data_dir`]): joined to a local directory, or
+/// fetched from a Hub data repository.
+pub fn data_file(data_dir_override: Option<&Path>, relative: &str) -> Result<PathBuf> {
+    let dir = data_dir(data_dir_override)?;
+    match hub_root(&dir) {
+        Some(root) => hub_dataset_file(&format!("{root}/{relative}")),
+        None => Ok(dir.join(relative)),
     }
 }
 

@@ -2,3 +2,4 @@
 
 pub mod edit_quality;
 pub mod perplexity;
+pub mod rank_correlation;

@@ -23,7 +23,7 @@ struct Hellaswag;
 
 impl Task for Hellaswag {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let path = crate::data::data_dir(data_dir)?.join("hellaswag/hellaswag_val_full.txt.bz2");
+        let path = crate::data::data_file(data_dir, "hellaswag/hellaswag_val_full.txt.bz2")?;
         let file = std::fs::File::open(&path).map_err(|e| crate::data::unreadable(&path, e))?;
         let mut text = String::new();
         bzip2::read::BzDecoder::new(file).read_to_string(&mut text).map_err(|e| Error::Dataset {

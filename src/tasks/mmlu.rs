@@ -79,7 +79,7 @@ fn read_questions(path: &PathBuf) -> Result<Vec<Question>> {
 
 impl Task for Mmlu {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let root = crate::data::data_dir(data_dir)?.join("mmlu");
+        let file = |relative: String| crate::data::data_file(data_dir, &format!("mmlu/{relative}"));
         let mut items = Vec::new();
         for subject in SUBJECTS {
             let mut header = format!(
@@ -87,12 +87,12 @@ impl Task for Mmlu {
                 subject.replace('_', " ")
             );
             if self.shots > 0 {
-                let dev = read_questions(&root.join(format!("dev/{subject}_dev.csv")))?;
+                let dev = read_questions(&file(format!("dev/{subject}_dev.csv"))?)?;
                 for shot in dev.iter().take(self.shots) {
                     header.push_str(&format!("{} {}\n\n", shot.prompt(), LETTERS[shot.answer]));
                 }
             }
-            for question in read_questions(&root.join(format!("test/{subject}_test.csv")))? {
+            for question in read_questions(&file(format!("test/{subject}_test.csv"))?)? {
                 items.push(ChoiceItem {
                     context: format!("{header}{}", question.prompt()),
                     choices: LETTERS.iter().map(|l| l.to_string()).collect(),

@@ -170,6 +170,14 @@ pub fn task_entry(name: &str) -> Result<&'static TaskEntry> {
     })
 }
 
+/// The tasks named on a command line: `all`, or comma-separated names of the table.
+pub fn entries_named(names: &[String]) -> Result<Vec<&'static TaskEntry>> {
+    if names.iter().any(|n| n == "all") {
+        return Ok(TASKS.iter().collect());
+    }
+    names.iter().map(|n| task_entry(n)).collect()
+}
+
 /// A task's score on a model.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskScore {
@@ -259,7 +267,7 @@ pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -
 
 /// Reads a data file of a task, naming it in errors.
 pub fn read_data_file(data_dir: Option<&Path>, relative: &str) -> Result<(PathBuf, String)> {
-    let path = crate::data::data_dir(data_dir)?.join(relative);
+    let path = crate::data::data_file(data_dir, relative)?;
     let text = crate::data::read_text(&path)?;
     Ok((path, text))
 }

@@ -68,19 +68,21 @@ pub fn detokenize(text: &str) -> String {
 
 impl Task for Mutual {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let dir = crate::data::data_dir(data_dir)?.join("mutual/dev");
-        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut files: Vec<(usize, std::path::PathBuf)> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| {
-                let number = p.file_stem()?.to_str()?.strip_prefix("dev_")?.parse().ok()?;
-                Some((number, p))
-            })
-            .collect();
-        files.sort();
+        // dev_1.txt, dev_2.txt, … up to the first number that is missing (a Hub data root cannot be listed).
+        let mut files = Vec::new();
+        while let Ok(path) = crate::data::data_file(data_dir, &format!("mutual/dev/dev_{}.txt", files.len() + 1)) {
+            if !path.is_file() {
+                break;
+            }
+            files.push(path);
+        }
+        if files.is_empty() {
+            let expected = crate::data::data_file(data_dir, "mutual/dev/dev_1.txt")?;
+            return Err(crate::data::unreadable(&expected, "no MuTual dev files (dev_1.txt, dev_2.txt, …)"));
+        }
         let records = files
             .into_iter()
-            .map(|(_, path)| {
+            .map(|path| {
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 let record: Record = serde_json::from_str(&text).map_err(|e| bad_record(&path, 1, e.to_string()))?;
                 let gold = LETTERS

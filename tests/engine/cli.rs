@@ -79,3 +79,34 @@ fn unknown_model_lists_known_ids() {
     assert!(!ok);
     assert!(stderr.contains("unknown model `gpt-5`") && stderr.contains("smollm2-135m"), "{stderr}");
 }
+
+/// A Hub cache holding a dataset repository `editguard/mirror` with the data directory's layout (one task file).
+fn fake_hub_mirror() -> tempfile::TempDir {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("datasets--editguard--mirror");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let snapshot = repo.join("snapshots").join(commit).join("sst2");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/sst2/test.tsv");
+    std::fs::copy(local, snapshot.join("test.tsv")).unwrap();
+    cache
+}
+
+#[test]
+fn task_data_comes_from_a_hub_repository_with_the_data_directory_layout() {
+    let cache = fake_hub_mirror();
+    let envs = [("HF_HUB_CACHE", cache.path().to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let args = ["--data-dir", "hf://editguard/mirror", "eval", "--tasks", "sst2", "--limit", "6", "--json"];
+    let (ok, hub, stderr) = editguard(&args, &envs);
+    assert!(ok, "{stderr}");
+    let (ok, local, stderr) = editguard(&["eval", "--tasks", "sst2", "--limit", "6", "--json"], &[]);
+    assert!(ok, "{stderr}");
+    let score = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap()[0]["score"].as_f64().unwrap();
+    assert_eq!(score(&hub), score(&local), "the same items give the same score");
+    let args = ["--data-dir", "hf://editguard/mirror", "eval", "--tasks", "rte", "--limit", "6"];
+    let (ok, _, stderr) = editguard(&args, &envs);
+    assert!(!ok, "a file missing from the mirror must fail");
+    assert!(stderr.contains("hf://editguard/mirror/rte/dev.tsv") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+}

@@ -1,5 +1,6 @@
 //! The `editguard` command line: list models and methods, fetch models, score tasks, measure perplexity, edit, collect statistics, benchmark.
 
+mod correlate;
 mod edit;
 
 use std::path::PathBuf;
@@ -73,6 +74,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Edit sequentially to a range of perplexities, score tasks at each point, report Spearman's ρ (and a plot).
+    Correlate(correlate::CorrelateArgs),
     /// Collect (and cache) second-moment statistics of MLP keys.
     Stats {
         /// Model id (default: the registry's default model).
@@ -102,6 +105,12 @@ enum Command {
         /// Editing methods to time (default: every method with hyper-parameters for the model; `none` for none).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
+        /// Tasks to time (items/s on a seeded sample; default all; `none` for none).
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        tasks: Vec<String>,
+        /// Items per timed task.
+        #[arg(long, default_value_t = 50)]
+        task_items: usize,
     },
 }
 
@@ -151,11 +160,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Eval { model, tasks, limit, seed, json } => {
-            let entries: Vec<&editguard::tasks::TaskEntry> = if tasks.iter().any(|t| t == "all") {
-                editguard::tasks::TASKS.iter().collect()
-            } else {
-                tasks.iter().map(|t| editguard::tasks::task_entry(t)).collect::<editguard::Result<_>>()?
-            };
+            let entries = editguard::tasks::entries_named(&tasks)?;
             let model = load(&registry, &model_or_default(model))?;
             let options =
                 editguard::tasks::EvalOptions { limit, seed, data_dir: cli.data_dir.clone(), ..Default::default() };
@@ -261,7 +266,12 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::Bench { model, repeats, token_budget, json, methods } => {
+        Command::Correlate(args) => {
+            let id = model_or_default(args.model.clone());
+            let model = load(&registry, &id)?;
+            correlate::run(args, &registry, cli.data_dir.clone(), model)?;
+        }
+        Command::Bench { model, repeats, token_budget, json, methods, tasks, task_items } => {
             let id = model_or_default(model);
             let sentences = Corpus::MePpl50.load(cli.data_dir.as_deref())?;
             let mut model = load(&registry, &id)?;
@@ -270,9 +280,26 @@ fn main() -> Result<()> {
                 [none] if none == "none" => Vec::new(),
                 given => given.to_vec(),
             };
+            let tasks = match tasks.as_slice() {
+                [none] if none == "none" => Vec::new(),
+                names => editguard::tasks::entries_named(names)?,
+            };
             let bar = spinner("benchmarking".to_string());
             let options = PerplexityOptions { token_budget, ..PerplexityOptions::default() };
-            let report = editguard::bench::run(&mut model, &registry, &methods, &sentences, repeats, options);
+            let task_options = editguard::tasks::EvalOptions {
+                limit: Some(task_items),
+                data_dir: cli.data_dir.clone(),
+                ..Default::default()
+            };
+            let report = editguard::bench::run(
+                &mut model,
+                &registry,
+                &methods,
+                &sentences,
+                repeats,
+                options,
+                (&tasks, &task_options),
+            );
             bar.finish_and_clear();
             let report = report?;
             if json {
@@ -290,6 +317,12 @@ fn main() -> Result<()> {
                 );
                 for (method, first, second) in &report.edit_seconds {
                     println!("{method:<21} {first:.2} s first edit (with context templates), {second:.2} s next edit");
+                }
+                for task in &report.task_speed {
+                    println!(
+                        "{:<21} {:.2} items/s ({} items in {:.1} s)",
+                        task.task, task.items_per_second, task.items, task.seconds
+                    );
                 }
                 match report.peak_memory_mib {
                     Some(mib) => println!("peak memory           {mib:.0} MiB"),
