@@ -74,9 +74,7 @@ pub fn run(
     corpus: &str,
 ) -> std::result::Result<(), String> {
     let fail = |e: crate::Error| format!("{}: {e}", spec.name);
-    let thresholds = thresholds::model_layer(&context.registry, model_id)
-        .and_then(|layer| layer.complete(&context.registry.origin))
-        .map_err(fail)?;
+    let thresholds = thresholds::resolve(&context.registry, model_id, &Default::default()).map_err(fail)?;
     let model = context.load_model(model_id).map_err(fail)?;
     let sentences = corpus_sentences(context, corpus).map_err(fail)?;
     let metrics = measure(&model, corpus, &sentences).map_err(fail)?;

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, GenerationItem, Metric, PromptStyle, Task, TaskEntry, TaskItems, bad_record, read_data_file};
+use super::{ChoiceItem, GenerationItem, Metric, PromptStyle, Task, TaskEntry, TaskItems, bad_record, read_jsonl};
 use crate::error::Result;
 
 /// The lm-eval row.
@@ -45,13 +45,12 @@ struct Record {
 
 impl Task for Boolq {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let (path, text) = read_data_file(data_dir, "boolq/boolq.jsonl")?;
-        let records = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, line)| {
-            let record: Record = serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?;
+        let (path, records) = read_jsonl::<Record>(data_dir, "boolq/boolq.jsonl")?;
+        let records = records.into_iter().map(|(line, record)| {
             if record.gold >= record.choices.len() {
-                return Err(bad_record(&path, i + 1, "gold is not an index of choices"));
+                return Err(bad_record(&path, line, "gold is not an index of choices"));
             }
-            Ok((i, record))
+            Ok((line, record))
         });
         Ok(match self.style {
             PromptStyle::LmEval => TaskItems::Choice(
@@ -69,12 +68,12 @@ impl Task for Boolq {
             PromptStyle::Gu => TaskItems::Generation(
                 records
                     .map(|r| {
-                        let (i, record) = r?;
+                        let (line, record) = r?;
                         let (passage, question) = record
                             .query
                             .strip_prefix("Passage: ")
                             .and_then(|q| q.split_once("\nQuestion: "))
-                            .ok_or_else(|| bad_record(&path, i + 1, "expected `Passage: …\\nQuestion: …` in query"))?;
+                            .ok_or_else(|| bad_record(&path, line, "expected `Passage: …\\nQuestion: …` in query"))?;
                         let question = question.trim().trim_end_matches('?');
                         let prompt = format!(
                             "Please answer the given question based on the passage. The answer should be exact 'yes' \

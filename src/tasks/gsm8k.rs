@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::text_metrics::gsm8k_answer;
-use super::{GenerationItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_data_file};
+use super::{GenerationItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_jsonl};
 use crate::error::Result;
 
 /// The task table row.
@@ -38,15 +38,12 @@ struct Record {
 
 impl Task for Gsm8k {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let (path, text) = read_data_file(data_dir, "gsm8k/test.jsonl")?;
-        let records = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, line)| {
-                let record: Record = serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?;
+        let (path, records) = read_jsonl::<Record>(data_dir, "gsm8k/test.jsonl")?;
+        let records = records
+            .into_iter()
+            .map(|(line, record)| {
                 if gsm8k_answer(&record.answer).is_none() {
-                    return Err(bad_record(&path, i + 1, "expected the answer to end in `#### <number>`"));
+                    return Err(bad_record(&path, line, "expected the answer to end in `#### <number>`"));
                 }
                 Ok(record)
             })

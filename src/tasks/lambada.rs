@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{ChoiceItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_data_file};
+use super::{ChoiceItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_jsonl};
 use crate::error::Result;
 
 /// The task table row.
@@ -29,14 +29,12 @@ struct Record {
 
 impl Task for Lambada {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let (path, text) = read_data_file(data_dir, "lambada/lambada_openai.jsonl")?;
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, line)| {
-                let record: Record = serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?;
+        let (path, records) = read_jsonl::<Record>(data_dir, "lambada/lambada_openai.jsonl")?;
+        records
+            .into_iter()
+            .map(|(line, record)| {
                 if record.continuation.trim().is_empty() {
-                    return Err(bad_record(&path, i + 1, "empty continuation"));
+                    return Err(bad_record(&path, line, "empty continuation"));
                 }
                 Ok(ChoiceItem {
                     context: record.context.trim_end().to_string(),

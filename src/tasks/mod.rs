@@ -272,6 +272,22 @@ pub fn read_data_file(data_dir: Option<&Path>, relative: &str) -> Result<(PathBu
     Ok((path, text))
 }
 
+/// The records of a JSON-lines task file with their line numbers (1-based); a line that does not parse is an error
+/// naming file and line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(
+    data_dir: Option<&Path>,
+    relative: &str,
+) -> Result<(PathBuf, Vec<(usize, T)>)> {
+    let (path, text) = read_data_file(data_dir, relative)?;
+    let records = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| Ok((i + 1, serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((path, records))
+}
+
 /// A record-level error of a task file.
 pub fn bad_record(path: &Path, line: usize, message: impl Into<String>) -> Error {
     Error::Dataset { name: format!("{}:{line}", path.display()), message: message.into() }

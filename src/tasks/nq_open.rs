@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{GenerationItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_data_file};
+use super::{GenerationItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_jsonl};
 use crate::error::Result;
 
 /// The task table row.
@@ -31,15 +31,12 @@ struct Record {
 
 impl Task for NqOpen {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let (path, text) = read_data_file(data_dir, "nq_open/NQ-open.dev.jsonl")?;
-        let items = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, line)| {
-                let record: Record = serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?;
+        let (path, records) = read_jsonl::<Record>(data_dir, "nq_open/NQ-open.dev.jsonl")?;
+        let items = records
+            .into_iter()
+            .map(|(line, record)| {
                 if record.answer.is_empty() {
-                    return Err(bad_record(&path, i + 1, "expected at least one answer"));
+                    return Err(bad_record(&path, line, "expected at least one answer"));
                 }
                 let prompt = format!("Answer these questions:\n\nQ: {}?\nA:", record.question.trim());
                 Ok(GenerationItem::new(prompt, 32, &["\n", ".", ","], record.answer))

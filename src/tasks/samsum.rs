@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::{GenerationItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_data_file};
+use super::{GenerationItem, Metric, Task, TaskEntry, TaskItems, bad_record, read_jsonl};
 use crate::error::Result;
 
 /// The task table row.
@@ -31,15 +31,12 @@ struct Record {
 
 impl Task for Samsum {
     fn items(&self, data_dir: Option<&Path>) -> Result<TaskItems> {
-        let (path, text) = read_data_file(data_dir, "samsum/test.jsonl")?;
-        let items = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, line)| {
-                let record: Record = serde_json::from_str(line).map_err(|e| bad_record(&path, i + 1, e.to_string()))?;
+        let (path, records) = read_jsonl::<Record>(data_dir, "samsum/test.jsonl")?;
+        let items = records
+            .into_iter()
+            .map(|(line, record)| {
                 if record.response.trim().is_empty() {
-                    return Err(bad_record(&path, i + 1, "empty reference summary"));
+                    return Err(bad_record(&path, line, "empty reference summary"));
                 }
                 let dialogue = record.context.replace("\r\n", "\n");
                 Ok(GenerationItem::new(format!("{}\nTL;DR:", dialogue.trim()), 25, &[], vec![record.response]))

@@ -23,10 +23,10 @@ pub struct CorrelateArgs {
     #[arg(long, default_value = "rome")]
     method: String,
     /// Edit counts to measure at, ascending (0 = unedited).
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2,4,8,16,32")]
+    #[arg(long, value_delimiter = ',', default_value = "0,2,4,8,16,32")]
     checkpoints: Vec<usize>,
     /// Tasks to score at each checkpoint (comma-separated, or `all`).
-    #[arg(long, value_delimiter = ',', default_value = "piqa,lambada,sst2,boolq")]
+    #[arg(long, value_delimiter = ',', default_value = "piqa,lambada,sst2")]
     tasks: Vec<String>,
     /// Items per task (a seeded sample).
     #[arg(long, default_value_t = 100)]
