@@ -16,7 +16,7 @@ use crate::metrics::perplexity::{PerplexityOptions, perplexity};
 use crate::metrics::rank_correlation::spearman;
 use crate::model::LoadedModel;
 use crate::registry::Registry;
-use crate::tasks::{EvalOptions, TaskEntry, evaluate};
+use crate::tasks::{EvalOptions, TaskEntry, load_items, score_items};
 
 /// What to measure.
 pub struct CorrelateOptions<'a> {
@@ -79,6 +79,8 @@ pub fn run(
         ));
     }
     let method = build_method(registry, &model.id, &options.method)?;
+    // The same item sample of every task is scored at every checkpoint.
+    let items = options.tasks.iter().map(|entry| load_items(entry, &options.eval)).collect::<Result<Vec<_>>>()?;
     let env = EditEnv { data_dir: options.eval.data_dir.clone() };
     let mut points = Vec::new();
     let mut applied = 0;
@@ -100,9 +102,9 @@ pub fn run(
             Err(e) => return Err(e),
         };
         let mut scores = Vec::with_capacity(options.tasks.len());
-        for entry in &options.tasks {
+        for (entry, items) in options.tasks.iter().zip(&items) {
             progress(format!("{} after {applied} edits", entry.name));
-            scores.push(evaluate(model, entry, &options.eval)?.score);
+            scores.push(score_items(model, entry, items, options.eval.token_budget)?.score);
         }
         points.push(CorrelationPoint { edits: applied, mean_ppl, scores });
     }

@@ -80,9 +80,7 @@ impl DecodeCache {
         let own = (0..shared.layers.len()).map(|_| Mutex::new(vec![KvRows::default(); sequences])).collect();
         DecodeCache { shape, shared, own }
     }
-}
 
-impl DecodeCache {
     /// Drops the sequences whose `keep` flag is false (finished ones); later passes hold the kept ones, in order.
     pub fn retain(&self, keep: &[bool]) -> Result<()> {
         for layer in &self.own {

@@ -12,11 +12,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use candle_core::Tensor;
+
 use super::LoadedModel;
 use super::decode::SharedPrefix;
 use super::hooks::{NoHooks, Site};
 use super::layers::Path;
-use super::packing::length_sorted_chunks;
+use super::packing::{PackedBatch, Packing, length_sorted_chunks};
 use super::prefix::{KvMode, KvRecorder};
 use crate::error::{Error, Result};
 
@@ -137,23 +139,31 @@ fn generate_chunk(
     let mut progress: Vec<Progress> =
         requests.iter().map(|&request| Progress { request, tokens: Vec::new(), text: None }).collect();
     let cache = model.decode_cache(shared.clone(), prompts.len());
-    // Every sequence's tokens so far: the embeddings of the new tokens are taken from the whole sequence, so that
-    // absolute position embeddings see their positions. Finished sequences leave the batch and the cache.
-    let mut sequences: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    // Each step runs every active sequence's pending tokens (first the prompt after the shared prefix, then the token
+    // just chosen) at their positions in the sequence; finished sequences leave the batch and the cache.
+    let mut pending: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared.rows()..].to_vec()).collect();
     let mut starts: Vec<usize> = vec![shared.rows(); prompts.len()];
     let mut active: Vec<usize> = (0..prompts.len()).collect();
     while !active.is_empty() {
-        let rows: Vec<&[u32]> = active.iter().map(|&i| sequences[i].as_slice()).collect();
-        let full = model.batch(&rows)?;
+        let lengths: Vec<usize> = active.iter().map(|&i| pending[i].len()).collect();
         let active_starts: Vec<usize> = active.iter().map(|&i| starts[i]).collect();
-        let (step, embedded) = full.packing.suffix_rows(&active_starts, &model.embed(&full)?)?;
-        let hidden = model.run_layers_kv(embedded, &step, 0..layers, &NoHooks, Path::Fast, KvMode::Decode(&cache))?;
-        let last: Vec<Site> = step.lengths().iter().enumerate().map(|(row, &length)| (row, length - 1)).collect();
-        let next = model.logits_at(&hidden, &step, &last, Path::Fast)?.argmax(1)?.to_vec1::<u32>()?;
+        let ids: Vec<u32> = active.iter().flat_map(|&i| pending[i].iter().copied()).collect();
+        let packing = Packing::starting_at(&lengths, &active_starts, &model.device)?;
+        let step = PackedBatch { ids: Tensor::from_vec(ids, packing.rows(), &model.device)?, packing };
+        let hidden = model.run_layers_kv(
+            model.embed(&step)?,
+            &step.packing,
+            0..layers,
+            &NoHooks,
+            Path::Fast,
+            KvMode::Decode(&cache),
+        )?;
+        let last: Vec<Site> = lengths.iter().enumerate().map(|(row, &length)| (row, length - 1)).collect();
+        let next = model.logits_at(&hidden, &step.packing, &last, Path::Fast)?.argmax(1)?.to_vec1::<u32>()?;
         for (&i, &token) in active.iter().zip(&next) {
             progress[i].push(model, token, special)?;
-            starts[i] = sequences[i].len();
-            sequences[i].push(token);
+            starts[i] += pending[i].len();
+            pending[i] = vec![token];
         }
         let keep: Vec<bool> = active.iter().map(|&i| progress[i].text.is_none()).collect();
         if keep.contains(&false) {

@@ -26,6 +26,16 @@ pub struct Packing {
 impl Packing {
     /// The packing of sequences with these lengths (each at least one token).
     pub fn new(lengths: &[usize], device: &Device) -> Result<Self> {
+        Self::starting_at(lengths, &vec![0; lengths.len()], device)
+    }
+
+    /// Like [`new`](Self::new) for sequences that continue earlier tokens: sequence `i`'s tokens sit at positions
+    /// `starts[i]..starts[i] + lengths[i]` (what [`positions`](Self::positions) reports, e.g. for absolute position
+    /// embeddings of the new tokens of a decoding step).
+    pub fn starting_at(lengths: &[usize], starts: &[usize], device: &Device) -> Result<Self> {
+        if starts.len() != lengths.len() {
+            return Err(Error::invalid("(batch)", "starts", "one start position per sequence"));
+        }
         if lengths.is_empty() || lengths.contains(&0) {
             return Err(Error::invalid(
                 "(batch)",
@@ -43,13 +53,13 @@ impl Packing {
         let mut padded = Vec::with_capacity(lengths.len() * longest);
         let mut packed = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
-        for (row, (&offset, &length)) in offsets.iter().zip(lengths).enumerate() {
+        for (row, ((&offset, &length), &start)) in offsets.iter().zip(lengths).zip(starts).enumerate() {
             for position in 0..longest {
                 padded.push((offset + position.min(length - 1)) as u32);
             }
             for position in 0..length {
                 packed.push((row * longest + position) as u32);
-                positions.push(position as u32);
+                positions.push((start + position) as u32);
             }
         }
         Ok(Packing {
@@ -82,7 +92,7 @@ impl Packing {
         &self.lengths
     }
 
-    /// Position of every packed row within its sequence, `(rows,)` u32.
+    /// Position of every packed row within its sequence (counted from the sequence's start position), `(rows,)` u32.
     pub fn positions(&self) -> &Tensor {
         &self.positions
     }

@@ -241,17 +241,36 @@ pub struct Scored {
     pub floor: f64,
 }
 
-/// Scores one task on `model`.
+/// Scores one task on `model`: its seeded item sample ([`load_items`]) scored by [`score_items`]; the seconds include
+/// reading the data.
 pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -> Result<TaskScore> {
     let started = Instant::now();
+    let items = load_items(entry, options)?;
+    let mut score = score_items(model, entry, &items, options.token_budget)?;
+    score.seconds = started.elapsed().as_secs_f64();
+    Ok(score)
+}
+
+/// The items an evaluation with `options` scores: the task's seeded sample of `limit` items (all without a limit).
+pub fn load_items(entry: &TaskEntry, options: &EvalOptions) -> Result<TaskItems> {
     let items = (entry.build)().items(options.data_dir.as_deref())?.select(options.limit, options.seed);
     if items.is_empty() {
         return Err(Error::Dataset { name: entry.name.to_string(), message: "no items to score".into() });
     }
-    let count = items.len();
+    Ok(items)
+}
+
+/// Scores already loaded items of a task on `model` (e.g. the same sample after every edit).
+pub fn score_items(
+    model: &LoadedModel,
+    entry: &TaskEntry,
+    items: &TaskItems,
+    token_budget: usize,
+) -> Result<TaskScore> {
+    let started = Instant::now();
     let scored = match items {
-        TaskItems::Choice(items) => choice::score(model, &items, entry.metric, options.token_budget)?,
-        TaskItems::Generation(items) => generated::score(model, &items, entry.metric, options.token_budget)?,
+        TaskItems::Choice(items) => choice::score(model, items, entry.metric, token_budget)?,
+        TaskItems::Generation(items) => generated::score(model, items, entry.metric, token_budget)?,
     };
     Ok(TaskScore {
         task: entry.name.to_string(),
@@ -260,7 +279,7 @@ pub fn evaluate(model: &LoadedModel, entry: &TaskEntry, options: &EvalOptions) -
         acc: scored.accuracies.map(|a| a.0),
         acc_norm: scored.accuracies.map(|a| a.1),
         random_floor: scored.floor,
-        items: count,
+        items: items.len(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::{ChoiceItem, GenerationItem, Metric, PromptStyle, Task, TaskEntry, TaskItems, bad_record};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The task table row.
 pub const MUTUAL: TaskEntry = TaskEntry {
@@ -83,7 +83,7 @@ impl Task for Mutual {
         let records = files
             .into_iter()
             .map(|path| {
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let text = crate::data::read_text(&path)?;
                 let record: Record = serde_json::from_str(&text).map_err(|e| bad_record(&path, 1, e.to_string()))?;
                 let gold = LETTERS
                     .iter()
