@@ -3,7 +3,7 @@
 //! 1. Attribution: for every layer, the intermediate activation `a` of the MLP (the input of the down-projection)
 //!    at the prompt's last token is replaced by `α·a` for `α` in `linspace(0, 1, steps)` (zero baseline), and the
 //!    gradient of the probability of the current answer's first token is integrated: `IG = a ⊙ mean_α ∂p/∂(α a)`.
-//!    All `α` of one layer run as one batch.
+//!    All `α` of one layer run as one batch, recomputing only the last token (earlier tokens from a prefix cache).
 //! 2. Selection: neurons whose attribution exceeds `adaptive_threshold × max` over all layers; with several prompts
 //!    (the prompt and its paraphrases), only neurons found for more than `p` of the prompts are kept.
 //! 3. Edit: each selected neuron's value vector (its column of the down-projection) gets
@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use super::{EditEnv, EditMethod, EditRecorder, EditRequest, MethodEntry, parse_params};
 use crate::error::{Error, Result};
-use crate::model::{Capture, HookPoint, LoadedModel, NoHooks, Path, ReplaceAtSites, WeightId};
+use crate::model::{Capture, HookPoint, KvMode, KvRecorder, LoadedModel, NoHooks, Path, ReplaceAtSites, WeightId};
 
 /// The `kn` row of the method table.
 pub const KN: MethodEntry = MethodEntry {
@@ -66,26 +66,41 @@ fn build(table: &toml::Table, origin: &str) -> Result<Box<dyn EditMethod>> {
 
 impl KnowledgeNeurons {
     /// Attribution scores `(layers, intermediate)` of `prompt` for `token`.
+    ///
+    /// Scaling the activation at the last token changes nothing before it, so one recorded fast pass over the prompt
+    /// gives every layer's input at the last token and every earlier token's keys and values; each layer's
+    /// integration batch then recomputes only the last token (one row per `α`) from that layer up, reading the
+    /// earlier tokens from the prefix cache.
     fn attribute(&self, model: &LoadedModel, prompt: &[u32], token: u32) -> Result<Tensor> {
         let dims = model.dims();
         let steps = self.params.steps;
         let last = prompt.len() - 1;
-        let rows: Vec<&[u32]> = vec![prompt; steps];
-        let batch = model.batch(&rows)?;
+        let batch = model.batch(&[prompt])?;
+        let recorder = KvRecorder::default();
+        let mut hidden = model.embed(&batch)?;
+        let mut inputs = Vec::with_capacity(dims.layers);
+        let mut activations = Vec::with_capacity(dims.layers);
+        for layer in 0..dims.layers {
+            inputs.push(hidden.narrow(0, last, 1)?);
+            let capture = Capture::new(layer, HookPoint::MlpKey, vec![(0, last)]);
+            let kv = KvMode::Record(&recorder);
+            hidden = model.run_layers_kv(hidden, &batch.packing, layer..layer + 1, &capture, Path::Fast, kv)?;
+            activations.push(capture.take().ok_or_else(|| Error::invalid("(kn)", "hook", "activation not captured"))?);
+        }
+        let cache = model.shared_prefix_cache(recorder, &batch.packing, &vec![0; steps], &vec![last; steps])?;
+        let suffix = model.batch(&vec![&prompt[last..]; steps])?;
+        let sites: Vec<(usize, usize)> = (0..steps).map(|r| (r, 0)).collect();
         let alphas: Vec<f32> = (0..steps).map(|k| k as f32 / (steps - 1) as f32).collect();
         let alphas = Tensor::from_vec(alphas, (steps, 1), &model.device)?.to_dtype(model.dtype)?;
-        let sites: Vec<(usize, usize)> = (0..steps).map(|r| (r, last)).collect();
-        let mut hidden = model.embed(&batch)?;
         let mut scores = Vec::with_capacity(dims.layers);
-        for layer in 0..dims.layers {
-            let capture = Capture::new(layer, HookPoint::MlpKey, vec![(0, last)]);
-            let below = hidden.clone();
-            hidden = model.run_layers(hidden, &batch, layer..layer + 1, &capture, Path::Fast)?;
-            let activation = capture.take().ok_or_else(|| Error::invalid("(kn)", "hook", "activation not captured"))?;
+        for (layer, (input, activation)) in inputs.into_iter().zip(activations).enumerate() {
             let scaled = Var::from_tensor(&alphas.broadcast_mul(&activation)?)?;
             let replace = ReplaceAtSites::new(layer, HookPoint::MlpKey, sites.clone(), scaled.as_tensor().clone());
-            let out = model.run_layers(below, &batch, layer..dims.layers, &replace, Path::Differentiable)?;
-            let logits = model.logits_at(&out, &batch.packing, &sites, Path::Differentiable)?;
+            let below = input.broadcast_as((steps, dims.hidden))?.contiguous()?;
+            let kv = KvMode::Prefix(&cache);
+            let out =
+                model.run_layers_kv(below, &suffix.packing, layer..dims.layers, &replace, Path::Differentiable, kv)?;
+            let logits = model.logits_at(&out, &suffix.packing, &sites, Path::Differentiable)?;
             let probability = candle_nn::ops::softmax(&logits, D::Minus1)?.narrow(1, token as usize, 1)?.sum_all()?;
             let gradient = probability
                 .backward()?

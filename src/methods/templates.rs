@@ -12,7 +12,8 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{LoadedModel, NoHooks, Path};
+use crate::model::LoadedModel;
+use crate::model::generation::extend_each;
 
 /// Where generation starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -106,30 +107,16 @@ fn end_of_text(model: &LoadedModel) -> Result<u32> {
         .ok_or_else(|| Error::Tokenizer("no end-of-text token for the kmeng01 template style".into()))
 }
 
-/// Continues every row until it holds `length` tokens (at least one new token), all rows in one batch per step,
-/// and decodes the results without special tokens.
+/// Continues every row until it holds `length` tokens (at least one new token), all rows in one batch per step
+/// (decoding with a key/value cache), and decodes the results without special tokens.
 fn generate(
     model: &LoadedModel,
-    mut rows: Vec<Vec<u32>>,
+    rows: Vec<Vec<u32>>,
     length: usize,
     sampler: &mut LogitsProcessor,
 ) -> Result<Vec<String>> {
     let targets: Vec<usize> = rows.iter().map(|r| length.max(r.len() + 1)).collect();
-    loop {
-        let open: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].len() < targets[i]).collect();
-        if open.is_empty() {
-            break;
-        }
-        let views: Vec<&[u32]> = open.iter().map(|&i| rows[i].as_slice()).collect();
-        let batch = model.batch(&views)?;
-        let hidden = model.hidden_states(&batch, &NoHooks, Path::Fast)?;
-        let sites: Vec<(usize, usize)> = views.iter().enumerate().map(|(i, r)| (i, r.len() - 1)).collect();
-        let logits = model.logits_at(&hidden, &batch.packing, &sites, Path::Fast)?;
-        for (slot, &row) in open.iter().enumerate() {
-            let token = sampler.sample(&logits.get(slot)?)?;
-            rows[row].push(token);
-        }
-    }
+    let rows = extend_each(model, &rows, &targets, &mut |logits| Ok(sampler.sample(logits)?))?;
     rows.iter()
         .map(|row| {
             let skip = usize::from(model.tokenizer.id_to_token(row[0]).is_some_and(|t| t.starts_with("<|")));

@@ -35,17 +35,17 @@ pub fn packed_causal_attention(
     }
     let mut out = vec![0f32; rows * heads * head_dim];
     let kernel = Kernel { q: &q_values, k: &k_values, v: &v_values, shape };
-    let ranges = share_out(packing.lengths(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    std::thread::scope(|scope| {
-        let mut rest: &mut [f32] = &mut out;
-        for (first, last) in ranges {
-            let offset: usize = packing.lengths()[..first].iter().sum();
-            let lengths = &packing.lengths()[first..last];
-            let (mine, others) = rest.split_at_mut(lengths.iter().sum::<usize>() * heads * head_dim);
-            rest = others;
-            let kernel = &kernel;
-            scope.spawn(move || with_simd(|| kernel.sequences(offset, lengths, mine)));
-        }
+    let mut pieces = Vec::new();
+    let mut rest: &mut [f32] = &mut out;
+    for (first, last) in share_out(packing.lengths(), super::workers::threads()) {
+        let offset: usize = packing.lengths()[..first].iter().sum();
+        let lengths = &packing.lengths()[first..last];
+        let (mine, others) = rest.split_at_mut(lengths.iter().sum::<usize>() * heads * head_dim);
+        rest = others;
+        pieces.push((offset, lengths, mine));
+    }
+    super::workers::for_each_item(pieces, |(offset, lengths, mine)| {
+        with_simd(|| kernel.sequences(offset, lengths, mine))
     });
     Ok(Tensor::from_vec(out, (rows, heads * head_dim), q.device())?.to_dtype(q.dtype())?)
 }

@@ -140,35 +140,35 @@ pub fn decode_attention(
     }
     let shared = &cache.shared.layers[layer];
     let mut out = vec![0f32; packing.rows() * q_width];
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(packing.batch());
+    let threads = super::workers::threads().min(packing.batch());
     let per_thread = packing.batch().div_ceil(threads.max(1));
-    std::thread::scope(|scope| {
-        let mut rest: &mut [f32] = &mut out;
-        let mut first_row = 0;
-        for (index, sequences) in own.chunks(per_thread).enumerate() {
-            let lengths = &packing.lengths()[index * per_thread..index * per_thread + sequences.len()];
-            let rows: usize = lengths.iter().sum();
-            let (mine, others) = rest.split_at_mut(rows * q_width);
-            rest = others;
-            let queries = &q_values[first_row * q_width..(first_row + rows) * q_width];
-            first_row += rows;
-            scope.spawn(move || {
-                with_simd(|| {
-                    let mut weights = Vec::new();
-                    let mut query_row = 0;
-                    for (rows, &length) in sequences.iter().zip(lengths) {
-                        let visible_before = cache.shared.rows + rows.keys.len() / kv_width - length;
-                        for i in 0..length {
-                            let query = &queries[(query_row + i) * q_width..][..q_width];
-                            let target = &mut mine[(query_row + i) * q_width..][..q_width];
-                            let parts = [shared, rows];
-                            attend(query, &parts, visible_before + i + 1, cache.shape, &mut weights, target);
-                        }
-                        query_row += length;
-                    }
-                })
-            });
-        }
+    let mut pieces = Vec::new();
+    let mut rest: &mut [f32] = &mut out;
+    let mut first_row = 0;
+    for (index, sequences) in own.chunks(per_thread).enumerate() {
+        let lengths = &packing.lengths()[index * per_thread..index * per_thread + sequences.len()];
+        let rows: usize = lengths.iter().sum();
+        let (mine, others) = rest.split_at_mut(rows * q_width);
+        rest = others;
+        let queries = &q_values[first_row * q_width..(first_row + rows) * q_width];
+        first_row += rows;
+        pieces.push((sequences, lengths, queries, mine));
+    }
+    super::workers::for_each_item(pieces, |(sequences, lengths, queries, mine)| {
+        with_simd(|| {
+            let mut weights = Vec::new();
+            let mut query_row = 0;
+            for (rows, &length) in sequences.iter().zip(lengths) {
+                let visible_before = cache.shared.rows + rows.keys.len() / kv_width - length;
+                for i in 0..length {
+                    let query = &queries[(query_row + i) * q_width..][..q_width];
+                    let target = &mut mine[(query_row + i) * q_width..][..q_width];
+                    let parts = [shared, rows];
+                    attend(query, &parts, visible_before + i + 1, cache.shape, &mut weights, target);
+                }
+                query_row += length;
+            }
+        })
     });
     Ok(Tensor::from_vec(out, (packing.rows(), q_width), q.device())?.to_dtype(q.dtype())?)
 }

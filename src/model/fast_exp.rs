@@ -108,22 +108,18 @@ pub fn silu_mul_fast(gate_up: &Tensor, width: usize) -> Result<Tensor> {
     let rows = gate_up.dim(0)?;
     let computed = with_cpu_f32(&gate_up, |values| {
         let mut out = vec![0f32; rows * width];
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let rows_per_thread = rows.div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            for (index, target) in out.chunks_mut(rows_per_thread * width).enumerate() {
-                let source = &values[index * rows_per_thread * 2 * width..];
-                scope.spawn(move || {
-                    with_simd(|| {
-                        for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {
-                            let (gate, up) = row_in.split_at(width);
-                            for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
-                                *y = g / (1.0 + exp_f32(-g)) * u;
-                            }
-                        }
-                    })
-                });
-            }
+        let rows_per_thread = rows.div_ceil(crate::model::workers::threads()).max(1);
+        let pieces: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_thread * width).enumerate().collect();
+        crate::model::workers::for_each_item(pieces, |(index, target)| {
+            let source = &values[index * rows_per_thread * 2 * width..];
+            with_simd(|| {
+                for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {
+                    let (gate, up) = row_in.split_at(width);
+                    for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
+                        *y = g / (1.0 + exp_f32(-g)) * u;
+                    }
+                }
+            })
         });
         out
     });

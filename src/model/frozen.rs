@@ -50,7 +50,7 @@ impl CustomOp1 for InputGradientOnly {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.weight)?))
+        Ok(Some(super::cpu_matmul::matmul_weight(grad_res, &self.weight)?))
     }
 }
 

@@ -135,41 +135,99 @@ fn generate_chunk(
     requests: &[&GenerationRequest],
     special: &HashSet<u32>,
 ) -> Result<Vec<Generation>> {
-    let layers = model.dims().layers;
     let mut progress: Vec<Progress> =
         requests.iter().map(|&request| Progress { request, tokens: Vec::new(), text: None }).collect();
     let cache = model.decode_cache(shared.clone(), prompts.len());
     // Each step runs every active sequence's pending tokens (first the prompt after the shared prefix, then the token
     // just chosen) at their positions in the sequence; finished sequences leave the batch and the cache.
-    let mut pending: Vec<Vec<u32>> = prompts.iter().map(|p| p[shared.rows()..].to_vec()).collect();
-    let mut starts: Vec<usize> = vec![shared.rows(); prompts.len()];
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
-    while !active.is_empty() {
-        let lengths: Vec<usize> = active.iter().map(|&i| pending[i].len()).collect();
-        let active_starts: Vec<usize> = active.iter().map(|&i| starts[i]).collect();
-        let ids: Vec<u32> = active.iter().flat_map(|&i| pending[i].iter().copied()).collect();
-        let packing = Packing::starting_at(&lengths, &active_starts, &model.device)?;
-        let step = PackedBatch { ids: Tensor::from_vec(ids, packing.rows(), &model.device)?, packing };
-        let hidden = model.run_layers_kv(
-            model.embed(&step)?,
-            &step.packing,
-            0..layers,
-            &NoHooks,
-            Path::Fast,
-            KvMode::Decode(&cache),
-        )?;
-        let last: Vec<Site> = lengths.iter().enumerate().map(|(row, &length)| (row, length - 1)).collect();
-        let next = model.logits_at(&hidden, &step.packing, &last, Path::Fast)?.argmax(1)?.to_vec1::<u32>()?;
-        for (&i, &token) in active.iter().zip(&next) {
+    let mut steps = DecodeSteps::new(prompts, shared.rows());
+    while !steps.active.is_empty() {
+        let next = steps.logits(model, &cache)?.argmax(1)?.to_vec1::<u32>()?;
+        for (&i, &token) in steps.active.iter().zip(&next) {
             progress[i].push(model, token, special)?;
-            starts[i] += pending[i].len();
-            pending[i] = vec![token];
         }
-        let keep: Vec<bool> = active.iter().map(|&i| progress[i].text.is_none()).collect();
-        if keep.contains(&false) {
-            cache.retain(&keep)?;
-            active = active.iter().zip(&keep).filter(|(_, k)| **k).map(|(&i, _)| i).collect();
-        }
+        let keep: Vec<bool> = steps.active.iter().map(|&i| progress[i].text.is_none()).collect();
+        steps.advance(&next, &keep, &cache)?;
     }
     Ok(progress.into_iter().map(|p| Generation { text: p.text.unwrap_or_default(), tokens: p.tokens }).collect())
+}
+
+/// The decoding state of a batch of sequences: which are still running, and the tokens each must run next.
+struct DecodeSteps {
+    /// Tokens not yet run, per sequence (first the prompt after any shared prefix, then the token just chosen).
+    pending: Vec<Vec<u32>>,
+    /// Position of each sequence's first pending token.
+    starts: Vec<usize>,
+    /// The sequences still running, in order.
+    active: Vec<usize>,
+}
+
+impl DecodeSteps {
+    fn new(prompts: &[&[u32]], shared_rows: usize) -> Self {
+        DecodeSteps {
+            pending: prompts.iter().map(|p| p[shared_rows..].to_vec()).collect(),
+            starts: vec![shared_rows; prompts.len()],
+            active: (0..prompts.len()).collect(),
+        }
+    }
+
+    /// Runs every active sequence's pending tokens at their positions, appending their keys and values to `cache`;
+    /// returns the logits `(active, vocab)` at each one's last token.
+    fn logits(&self, model: &LoadedModel, cache: &super::DecodeCache) -> Result<Tensor> {
+        let lengths: Vec<usize> = self.active.iter().map(|&i| self.pending[i].len()).collect();
+        let starts: Vec<usize> = self.active.iter().map(|&i| self.starts[i]).collect();
+        let ids: Vec<u32> = self.active.iter().flat_map(|&i| self.pending[i].iter().copied()).collect();
+        let packing = Packing::starting_at(&lengths, &starts, &model.device)?;
+        let step = PackedBatch { ids: Tensor::from_vec(ids, packing.rows(), &model.device)?, packing };
+        let layers = model.dims().layers;
+        let embedded = model.embed(&step)?;
+        let hidden =
+            model.run_layers_kv(embedded, &step.packing, 0..layers, &NoHooks, Path::Fast, KvMode::Decode(cache))?;
+        let last: Vec<Site> = lengths.iter().enumerate().map(|(row, &length)| (row, length - 1)).collect();
+        model.logits_at(&hidden, &step.packing, &last, Path::Fast)
+    }
+
+    /// Makes `next[j]` the pending token of the `j`-th active sequence; the sequences whose `keep` is false leave
+    /// the batch and the cache.
+    fn advance(&mut self, next: &[u32], keep: &[bool], cache: &super::DecodeCache) -> Result<()> {
+        for (&i, &token) in self.active.iter().zip(next) {
+            self.starts[i] += self.pending[i].len();
+            self.pending[i] = vec![token];
+        }
+        if keep.contains(&false) {
+            cache.retain(keep)?;
+            self.active = self.active.iter().zip(keep).filter(|(_, k)| **k).map(|(&i, _)| i).collect();
+        }
+        Ok(())
+    }
+}
+
+/// Continues each prompt until it holds `targets[i]` tokens, choosing every new token with `choose` (called with
+/// one sequence's next-token logits `(vocab,)`, sequences in order at each step). No prefix is shared and nothing
+/// stops a sequence early: this serves sampling, e.g. the context templates of ROME and MEMIT.
+pub fn extend_each(
+    model: &LoadedModel,
+    prompts: &[Vec<u32>],
+    targets: &[usize],
+    choose: &mut dyn FnMut(&Tensor) -> Result<u32>,
+) -> Result<Vec<Vec<u32>>> {
+    if prompts.iter().zip(targets).any(|(p, &t)| p.is_empty() || t <= p.len()) || prompts.len() != targets.len() {
+        return Err(Error::invalid("(generation)", "targets", "one target per non-empty prompt, longer than it"));
+    }
+    let mut rows: Vec<Vec<u32>> = prompts.to_vec();
+    let views: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let cache = model.decode_cache(SharedPrefix::empty(model.dims().layers), prompts.len());
+    let mut steps = DecodeSteps::new(&views, 0);
+    while !steps.active.is_empty() {
+        let logits = steps.logits(model, &cache)?;
+        let mut next = Vec::with_capacity(steps.active.len());
+        for (slot, &i) in steps.active.iter().enumerate() {
+            let token = choose(&logits.get(slot)?)?;
+            rows[i].push(token);
+            next.push(token);
+        }
+        let keep: Vec<bool> = steps.active.iter().map(|&i| rows[i].len() < targets[i]).collect();
+        steps.advance(&next, &keep, &cache)?;
+    }
+    Ok(rows)
 }

@@ -23,9 +23,16 @@ pub enum Path {
 /// being repacked for every call, which is up to four times faster for the few-token prompts of editing methods.
 pub const SMALL_BATCH_ROWS: usize = 32;
 
-/// `x · Wᵀ` for `x: (rows, in)`, `w: (out, in)`, in the orientation that is fastest for this many rows.
+/// `x · Wᵀ` for `x: (rows, in)`, `w: (out, in)`: on the CPU split over the worker pool ([`super::cpu_matmul`]),
+/// elsewhere in the orientation that is fastest for this many rows.
 pub fn matmul_transposed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.dim(0)? < SMALL_BATCH_ROWS { w.matmul(&x.t()?)?.t()?.contiguous() } else { x.matmul(&w.t()?) }
+    if x.device().is_cpu() {
+        super::cpu_matmul::matmul_weight_transposed(x, w)
+    } else if x.dim(0)? < SMALL_BATCH_ROWS {
+        w.matmul(&x.t()?)?.t()?.contiguous()
+    } else {
+        x.matmul(&w.t()?)
+    }
 }
 
 /// `x · Wᵀ (+ b)` for packed rows `x: (rows, in)` and `w: (out, in)`.

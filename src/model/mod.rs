@@ -5,6 +5,7 @@
 //! differentiable), logits at chosen tokens, and weight overrides `W → W + ΔW` that restore `W` exactly.
 
 pub mod attention_cpu;
+pub mod cpu_matmul;
 pub mod decode;
 pub mod fast_exp;
 pub mod frozen;
@@ -19,6 +20,7 @@ pub mod packing;
 pub mod prefix;
 pub mod tokenizer;
 pub mod weights;
+pub mod workers;
 
 use std::ops::Range;
 use std::time::Instant;

@@ -4,6 +4,7 @@
 
 use candle_core::DType;
 use editguard::metrics::edit_quality::score_continuations;
+use editguard::model::generation::extend_each;
 use editguard::model::{GenerationRequest, LoadedModel, NoHooks, PackedBatch, Path, generate_greedy};
 use editguard::tasks::choice::predict;
 use editguard::tasks::{ChoiceItem, TASKS, TaskItems, task_entry};
@@ -180,6 +181,28 @@ fn cached_greedy_generation_equals_recomputing_every_step_on_tiny_models() {
         let model = fixture_model(arch, file, DType::F32);
         assert_cached_generation_matches_naive(&model, &prompts, 6, 4096);
         assert_cached_generation_matches_naive(&model, &shared, 6, 4096);
+    }
+}
+
+#[test]
+fn extending_with_a_chooser_equals_recomputing_every_step() {
+    // The sampling path of the context templates: each sequence runs to its own length, tokens chosen per sequence.
+    let texts = ["The", "Therefore the", "I"];
+    for model in [default_model(), &fixture_model("gpt2", "model.safetensors", DType::F32)] {
+        let prompts: Vec<Vec<u32>> = texts.iter().map(|t| model.encode(t).unwrap()).collect();
+        let targets: Vec<usize> = prompts.iter().enumerate().map(|(i, p)| p.len() + 3 + 2 * i).collect();
+        let mut calls = 0;
+        let mut argmax = |logits: &candle_core::Tensor| {
+            calls += 1;
+            Ok(logits.argmax(0)?.to_scalar::<u32>()?)
+        };
+        let extended = extend_each(model, &prompts, &targets, &mut argmax).unwrap();
+        for ((prompt, text), (row, &target)) in prompts.iter().zip(texts).zip(extended.iter().zip(&targets)) {
+            assert_eq!(row.len(), target);
+            assert_eq!(row[..prompt.len()], prompt[..]);
+            assert_eq!(row[prompt.len()..], naive_greedy(model, text, target - prompt.len())[..], "{text:?}");
+        }
+        assert_eq!(calls, targets.iter().zip(&prompts).map(|(t, p)| t - p.len()).sum::<usize>());
     }
 }
 
