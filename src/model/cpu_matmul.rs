@@ -6,10 +6,11 @@
 //! 380-row one at 41–65 against 98–124 GFLOP/s. This module splits the output columns into one contiguous slice per
 //! thread of [`candle_core::utils::barrier_pool`] (whose workers spin between calls instead of sleeping) and runs one
 //! single-threaded `gemm` per slice. Every output element is computed by the same sequence of operations whatever the
-//! thread timing, so results are deterministic. Only untracked, contiguous `f32`/`f64` CPU tensors take this route;
-//! anything else (a weight under optimisation, other devices or dtypes) goes through candle's own product.
+//! thread timing, so results are deterministic. Only untracked `f32`/`f64` CPU tensors take this route; for anything
+//! else (a weight under optimisation, other devices or dtypes) the functions answer `None` and the caller uses candle's
+//! own product.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use gemm::{Parallelism, gemm};
 
 /// Which orientation the weight enters the product in.
@@ -21,20 +22,15 @@ enum WeightUse {
     AsIs,
 }
 
-/// `x · Wᵀ` for `x: (m, k)` and `w: (n, k)`.
-pub fn matmul_weight_transposed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    match split_product(x, w, WeightUse::Transposed)? {
-        Some(product) => Ok(product),
-        None => x.matmul(&w.t()?),
-    }
+/// `x · Wᵀ` for `x: (m, k)` and `w: (n, k)` on the worker pool, or `None` when the operands do not qualify.
+pub fn try_matmul_weight_transposed(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    split_product(x, w, WeightUse::Transposed)
 }
 
-/// `x · W` for `x: (m, k)` and `w: (k, n)` (the input gradient of `x · Wᵀ`).
-pub fn matmul_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    match split_product(x, w, WeightUse::AsIs)? {
-        Some(product) => Ok(product),
-        None => x.matmul(w),
-    }
+/// `x · W` for `x: (m, k)` and `w: (k, n)` (the input gradient of `x · Wᵀ`) on the worker pool, or `None` when the
+/// operands do not qualify.
+pub fn try_matmul_weight(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    split_product(x, w, WeightUse::AsIs)
 }
 
 /// The product on the worker pool, or `None` when the operands do not qualify.
@@ -121,9 +117,9 @@ impl<T> Output<T> {
 }
 
 impl Operands {
-    fn run<T: Copy + Default + Send + Sync + 'static + num_like::One>(&self, x: &[T], w: &[T]) -> Vec<T> {
+    fn run<T: WithDType>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let Operands { m, n, k, row_stride, column_stride } = *self;
-        let mut y = vec![T::default(); m * n];
+        let mut y = vec![T::from_f64(0.0); m * n];
         let output = Output(y.as_mut_ptr());
         let width = n.div_ceil(super::workers::threads().min(n));
         let slices: Vec<(usize, usize)> = (0..n).step_by(width).map(|start| (start, width.min(n - start))).collect();
@@ -146,8 +142,8 @@ impl Operands {
                     w.as_ptr().add(start * column_stride),
                     column_stride as isize,
                     row_stride as isize,
-                    T::default(),
-                    T::one(),
+                    T::from_f64(0.0),
+                    T::from_f64(1.0),
                     false,
                     false,
                     false,
@@ -156,23 +152,6 @@ impl Operands {
             }
         });
         y
-    }
-}
-
-/// The multiplicative unit of the supported element types.
-mod num_like {
-    pub trait One {
-        fn one() -> Self;
-    }
-    impl One for f32 {
-        fn one() -> Self {
-            1.0
-        }
-    }
-    impl One for f64 {
-        fn one() -> Self {
-            1.0
-        }
     }
 }
 
@@ -191,10 +170,12 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
             let expected = x.matmul(&w.t().unwrap()).unwrap();
-            assert!(close(&matmul_weight_transposed(&x, &w).unwrap(), &expected) < 1e-4, "x·Wᵀ {m}×{k}×{n}");
+            let got = try_matmul_weight_transposed(&x, &w).unwrap().expect("f32 CPU operands qualify");
+            assert!(close(&got, &expected) < 1e-4, "x·Wᵀ {m}×{k}×{n}");
             let g = Tensor::randn(0f32, 1.0, (m, n), &device).unwrap();
             let expected = g.matmul(&w).unwrap();
-            assert!(close(&matmul_weight(&g, &w).unwrap(), &expected) < 1e-4, "g·W {m}×{n}×{k}");
+            let got = try_matmul_weight(&g, &w).unwrap().expect("f32 CPU operands qualify");
+            assert!(close(&got, &expected) < 1e-4, "g·W {m}×{n}×{k}");
         }
     }
 
@@ -203,19 +184,22 @@ mod tests {
         let device = Device::Cpu;
         let x = Tensor::randn(0f64, 1.0, (9, 12), &device).unwrap();
         let w = Tensor::randn(0f64, 1.0, (12, 10), &device).unwrap().t().unwrap();
-        let got = matmul_weight_transposed(&x, &w).unwrap();
+        let got = try_matmul_weight_transposed(&x, &w).unwrap().expect("f64 CPU operands qualify");
         let expected = x.matmul(&w.t().unwrap()).unwrap();
         let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-12);
     }
 
     #[test]
-    fn tracked_operands_keep_their_gradient() {
+    fn tracked_operands_and_half_precision_are_left_to_candle() {
         let device = Device::Cpu;
         let w = candle_core::Var::new(&[[1f32, 2.0], [3.0, 4.0]], &device).unwrap();
         let x = Tensor::new(&[[1f32, -1.0]], &device).unwrap();
-        let y = matmul_weight_transposed(&x, w.as_tensor()).unwrap();
+        assert!(try_matmul_weight_transposed(&x, w.as_tensor()).unwrap().is_none(), "a tracked weight needs candle");
+        let y = crate::model::layers::matmul_transposed(&x, w.as_tensor()).unwrap();
         let gradients = y.sum_all().unwrap().backward().unwrap();
-        assert!(gradients.get(w.as_tensor()).is_some(), "a tracked weight must stay on candle's product");
+        assert!(gradients.get(w.as_tensor()).is_some(), "the weight's gradient must survive the dispatch");
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        assert!(try_matmul_weight(&half(&x), &half(w.as_tensor())).unwrap().is_none(), "f16 is left to candle");
     }
 }

@@ -50,7 +50,10 @@ impl CustomOp1 for InputGradientOnly {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(super::cpu_matmul::matmul_weight(grad_res, &self.weight)?))
+        match super::cpu_matmul::try_matmul_weight(grad_res, &self.weight)? {
+            Some(gradient) => Ok(Some(gradient)),
+            None => Ok(Some(grad_res.matmul(&self.weight)?)),
+        }
     }
 }
 

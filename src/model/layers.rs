@@ -19,15 +19,16 @@ pub enum Path {
     Differentiable,
 }
 
-/// Below this many rows, `x · Wᵀ` is computed as `(W · xᵀ)ᵀ`: the row-major weight is then streamed once instead of
-/// being repacked for every call, which is up to four times faster for the few-token prompts of editing methods.
+/// Below this many rows, a product candle computes (operands [`super::cpu_matmul`] leaves alone, e.g. `f16` weights)
+/// is taken as `(W · xᵀ)ᵀ`: the row-major weight is then streamed once instead of being repacked for every call,
+/// which was up to four times faster for the few-token prompts of editing methods.
 pub const SMALL_BATCH_ROWS: usize = 32;
 
-/// `x · Wᵀ` for `x: (rows, in)`, `w: (out, in)`: on the CPU split over the worker pool ([`super::cpu_matmul`]),
-/// elsewhere in the orientation that is fastest for this many rows.
+/// `x · Wᵀ` for `x: (rows, in)`, `w: (out, in)`: split over the CPU worker pool when the operands qualify
+/// ([`super::cpu_matmul`]), otherwise in the orientation that is fastest for this many rows.
 pub fn matmul_transposed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        super::cpu_matmul::matmul_weight_transposed(x, w)
+    if let Some(product) = super::cpu_matmul::try_matmul_weight_transposed(x, w)? {
+        Ok(product)
     } else if x.dim(0)? < SMALL_BATCH_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
     } else {

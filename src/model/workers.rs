@@ -20,11 +20,11 @@ pub fn for_each_item<T: Send>(items: Vec<T>, task: impl Fn(T) + Sync) {
     match items.len() {
         0 => {}
         1 => items.into_iter().for_each(task),
-        count => {
+        _ => {
             let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|item| Mutex::new(Some(item))).collect();
             let threads = threads();
             barrier_pool().execute(|thread| {
-                for slot in slots.iter().skip(thread).step_by(threads).take(count) {
+                for slot in slots.iter().skip(thread).step_by(threads) {
                     let item = slot.lock().ok().and_then(|mut slot| slot.take());
                     if let Some(item) = item {
                         task(item);
