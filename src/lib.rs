@@ -18,6 +18,7 @@
 //! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory.
 //! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
 //! - [`error`] is the library's error type, naming file, field and remedy.
+//! - [`runtime`] holds process-wide CPU settings (worker spinning, allocator thresholds) applied at start-up.
 
 pub mod bench;
 pub mod cache;
@@ -30,6 +31,7 @@ pub mod methods;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod runtime;
 pub mod source;
 pub mod tasks;
 

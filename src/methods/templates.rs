@@ -97,6 +97,9 @@ pub fn context_templates(model: &LoadedModel, params: &TemplateParams) -> Result
             templates.push(format!("{}. {{}}", text.trim_end()));
         }
     }
+    if std::env::var_os("EDITGUARD_TRACE").is_some() {
+        eprintln!("context templates: {templates:?}");
+    }
     Ok(templates)
 }
 

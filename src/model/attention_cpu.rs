@@ -37,7 +37,8 @@ pub fn packed_causal_attention(
     let kernel = Kernel { q: &q_values, k: &k_values, v: &v_values, shape };
     let mut pieces = Vec::new();
     let mut rest: &mut [f32] = &mut out;
-    for (first, last) in share_out(packing.lengths(), super::workers::threads()) {
+    let costs: Vec<usize> = packing.lengths().iter().map(|l| l * l).collect();
+    for (first, last) in share_out(&costs, super::workers::threads()) {
         let offset: usize = packing.lengths()[..first].iter().sum();
         let lengths = &packing.lengths()[first..last];
         let (mine, others) = rest.split_at_mut(lengths.iter().sum::<usize>() * heads * head_dim);
@@ -50,22 +51,22 @@ pub fn packed_causal_attention(
     Ok(Tensor::from_vec(out, (rows, heads * head_dim), q.device())?.to_dtype(q.dtype())?)
 }
 
-/// Splits sequences into at most `threads` consecutive ranges of roughly equal attention cost (length²).
-fn share_out(lengths: &[usize], threads: usize) -> Vec<(usize, usize)> {
-    let cost: usize = lengths.iter().map(|l| l * l).sum();
+/// Splits sequences into at most `threads` consecutive ranges of roughly equal total `costs` (e.g. length²).
+pub(crate) fn share_out(costs: &[usize], threads: usize) -> Vec<(usize, usize)> {
+    let cost: usize = costs.iter().sum();
     let target = cost.div_ceil(threads.max(1)).max(1);
     let mut ranges = Vec::new();
     let (mut start, mut accumulated) = (0, 0);
-    for (index, length) in lengths.iter().enumerate() {
-        accumulated += length * length;
+    for (index, cost) in costs.iter().enumerate() {
+        accumulated += cost;
         if accumulated >= target && ranges.len() + 1 < threads {
             ranges.push((start, index + 1));
             start = index + 1;
             accumulated = 0;
         }
     }
-    if start < lengths.len() {
-        ranges.push((start, lengths.len()));
+    if start < costs.len() {
+        ranges.push((start, costs.len()));
     }
     ranges
 }
@@ -142,7 +143,7 @@ mod tests {
 
     #[test]
     fn shares_cover_all_sequences_in_order() {
-        let ranges = share_out(&[10, 1, 1, 10, 3], 2);
+        let ranges = share_out(&[100, 1, 1, 100, 9], 2);
         assert_eq!(ranges.first().unwrap().0, 0);
         assert_eq!(ranges.last().unwrap().1, 5);
         for pair in ranges.windows(2) {

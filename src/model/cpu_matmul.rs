@@ -2,16 +2,25 @@
 //!
 //! candle hands every matrix product to the `gemm` crate with rayon parallelism. On the small, many-times-repeated
 //! products of editing (a few dozen rows against a layer's weight) rayon's hand-offs cost more than they save: measured
-//! on two cores, a 45-row product with a `576 × 3072` weight ran at 25 GFLOP/s that way and at 46 GFLOP/s here, and a
-//! 380-row one at 41–65 against 98–124 GFLOP/s. This module splits the output columns into one contiguous slice per
-//! thread of [`candle_core::utils::barrier_pool`] (whose workers spin between calls instead of sleeping) and runs one
-//! single-threaded `gemm` per slice. Every output element is computed by the same sequence of operations whatever the
-//! thread timing, so results are deterministic. Only untracked `f32`/`f64` CPU tensors take this route; for anything
-//! else (a weight under optimisation, other devices or dtypes) the functions answer `None` and the caller uses candle's
-//! own product.
+//! on two cores, a 45-row product with a `576 × 3072` weight ran at 25 GFLOP/s that way and at 46 GFLOP/s split over
+//! candle's [`barrier_pool`](candle_core::utils::barrier_pool) (whose workers spin between calls instead of sleeping).
+//! Up to [`SIMD_MAX_ROWS`] rows of `f32` on a CPU with AVX-512, the product runs on the kernels of
+//! [`super::simd_matmul`], which read the weight in place instead of repacking it for every call; the threads take
+//! ranges of output columns from a shared cursor, so a thread the host has descheduled does not hold the others up.
+//! Otherwise (more rows, `f64`, no AVX-512) each thread runs one single-threaded `gemm` on its own slice of columns.
+//! Every output element is computed by the same sequence of operations whatever the thread timing, so results are
+//! deterministic. Only untracked `f32`/`f64` CPU tensors take this route; for anything else (a weight under
+//! optimisation, other devices or dtypes) the functions answer `None` and the caller uses candle's own product.
 
+use candle_core::utils::barrier_pool;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use gemm::{Parallelism, gemm};
+
+use super::simd_matmul;
+
+/// Products with at most this many rows use the AVX-512 kernels; larger ones (perplexity batches of thousands of
+/// rows) are left to `gemm`, whose cache blocking suits them better.
+pub const SIMD_MAX_ROWS: usize = 512;
 
 /// Which orientation the weight enters the product in.
 #[derive(Clone, Copy)]
@@ -71,7 +80,13 @@ fn split_product(x: &Tensor, w: &Tensor, weight_use: WeightUse) -> Result<Option
     let shape = Operands { m, n, k, row_stride, column_stride };
     let product = match (x_cpu, w_cpu) {
         (CpuStorage::F32(xs), CpuStorage::F32(ws)) => {
-            Tensor::from_vec(shape.run(slice(xs, x_layout)?, slice(ws, w_layout)?), (m, n), &Device::Cpu)?
+            let (xs, ws) = (slice(xs, x_layout)?, slice(ws, w_layout)?);
+            let values = if m <= SIMD_MAX_ROWS && simd_matmul::available() {
+                shape.run_simd(xs, ws, weight_use)
+            } else {
+                shape.run(xs, ws)
+            };
+            Tensor::from_vec(values, (m, n), &Device::Cpu)?
         }
         (CpuStorage::F64(xs), CpuStorage::F64(ws)) => {
             Tensor::from_vec(shape.run(slice(xs, x_layout)?, slice(ws, w_layout)?), (m, n), &Device::Cpu)?
@@ -117,6 +132,35 @@ impl<T> Output<T> {
 }
 
 impl Operands {
+    /// The product on the AVX-512 kernels, threads taking ranges of output columns from a shared cursor.
+    fn run_simd(&self, x: &[f32], w: &[f32], weight_use: WeightUse) -> Vec<f32> {
+        let Operands { m, n, k, .. } = *self;
+        // The outer-product kernel adds into its output, the dot-product kernel overwrites every element.
+        let mut y = match weight_use {
+            WeightUse::Transposed => Vec::with_capacity(m * n),
+            WeightUse::AsIs => vec![0f32; m * n],
+        };
+        let output = Output(y.as_mut_ptr());
+        let unit = match weight_use {
+            WeightUse::Transposed => 16,
+            WeightUse::AsIs => simd_matmul::OUTER_COLUMNS,
+        };
+        barrier_pool().execute_chunked(n.div_ceil(unit), |units| {
+            let columns = units.start * unit..(units.end * unit).min(n);
+            // SAFETY: `available()` was checked; `x` is m·k, `w` is n·k (either orientation), `y` has room for m·n
+            // (zeroed where the kernel adds), and the cursor hands every column range to exactly one thread.
+            unsafe {
+                match weight_use {
+                    WeightUse::Transposed => simd_matmul::dot_columns(x, m, k, w, output.at(0), n, columns),
+                    WeightUse::AsIs => simd_matmul::outer_columns(x, m, k, w, output.at(0), n, columns),
+                }
+            }
+        });
+        // SAFETY: every one of the m·n elements was written above (zeroed, or overwritten by `dot_columns`).
+        unsafe { y.set_len(m * n) };
+        y
+    }
+
     fn run<T: WithDType>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let Operands { m, n, k, row_stride, column_stride } = *self;
         let mut y = vec![T::from_f64(0.0); m * n];

@@ -3,7 +3,8 @@
 //! candle's fused kernels for RMS norm, layer norm, last-dimension softmax and rotary embeddings are fast but have no
 //! backward pass: gradients silently stop at them. [`Path::Fast`] uses them for evaluation; [`Path::Differentiable`]
 //! uses the composed versions (`rms_norm_slow`, `softmax`, `rope_slow`...) so that gradients reach hooked vectors and
-//! optimised weights, and routes products with constant weights through [`matmul_frozen`].
+//! optimised weights, and routes products with constant weights through [`matmul_frozen`]; on the CPU, RMS norm and
+//! SwiGLU take single operations with hand-written gradients instead ([`super::fused`]).
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -53,6 +54,9 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, path: Path) -> Resu
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
     match path {
         Path::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
+        Path::Differentiable if super::fused::supports(x) && !weight.track_op() => {
+            super::fused::rms_norm(x, weight, eps)
+        }
         Path::Differentiable => candle_nn::ops::rms_norm_slow(x, weight, eps as f32),
     }
 }
@@ -87,8 +91,9 @@ pub enum RotaryLayout {
 pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
-    cos_values: Vec<f32>,
-    sin_values: Vec<f32>,
+    /// Shared, so that a copy of the tables (kept by a differentiable operation for its backward pass) is cheap.
+    cos_values: std::sync::Arc<[f32]>,
+    sin_values: std::sync::Arc<[f32]>,
     layout: RotaryLayout,
     rotary_dim: usize,
 }
@@ -111,8 +116,8 @@ impl Rotary {
         let angles = positions.matmul(&inv_freq)?;
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         Ok(Rotary {
-            cos_values: cos.flatten_all()?.to_vec1()?,
-            sin_values: sin.flatten_all()?.to_vec1()?,
+            cos_values: cos.flatten_all()?.to_vec1::<f32>()?.into(),
+            sin_values: sin.flatten_all()?.to_vec1::<f32>()?.into(),
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
             layout,
@@ -122,6 +127,17 @@ impl Rotary {
 
     /// Rotates packed rows `(rows, heads·head_dim)` in place, row `r` at position `positions[r]`.
     pub fn rotate_packed(&self, data: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
+        self.turn_packed(data, heads, head_dim, positions, 1.0);
+    }
+
+    /// The inverse (and transpose) of [`rotate_packed`](Self::rotate_packed): carries a gradient with respect to
+    /// rotated rows back to the unrotated ones.
+    pub fn unrotate_packed(&self, data: &mut [f32], heads: usize, head_dim: usize, positions: &[usize]) {
+        self.turn_packed(data, heads, head_dim, positions, -1.0);
+    }
+
+    /// Rotation by `direction` (±1) times each position's angles.
+    fn turn_packed(&self, data: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], direction: f32) {
         let half = self.rotary_dim / 2;
         for (row, &position) in data.chunks_exact_mut(heads * head_dim).zip(positions) {
             let cos = &self.cos_values[position * half..][..half];
@@ -132,9 +148,9 @@ impl Rotary {
                         RotaryLayout::HalfSplit => (i, i + half),
                         RotaryLayout::Interleaved => (2 * i, 2 * i + 1),
                     };
-                    let (x, y) = (head[a], head[b]);
-                    head[a] = x * cos[i] - y * sin[i];
-                    head[b] = y * cos[i] + x * sin[i];
+                    let (x, y, sin) = (head[a], head[b], direction * sin[i]);
+                    head[a] = x * cos[i] - y * sin;
+                    head[b] = y * cos[i] + x * sin;
                 }
             }
         }

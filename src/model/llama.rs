@@ -279,6 +279,7 @@ impl CausalLm for Llama {
         let width = c.intermediate_size;
         let key = match path {
             Path::Fast => super::fast_exp::silu_mul_fast(&gate_up, width)?,
+            Path::Differentiable if super::fused::supports(&gate_up) => super::fused::swiglu(&gate_up, width)?,
             Path::Differentiable => {
                 (candle_nn::Activation::Silu.forward(&gate_up.narrow(1, 0, width)?)?
                     * gate_up.narrow(1, width, width)?)?

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use super::decode::{DecodeCache, decode_attention};
 use super::layers::{AttentionShape, Path, Rotary, causal_attention, softmax_last};
 use super::packing::Packing;
+use super::prefix_attention_cpu::PrefixGeometry;
 use crate::error::{Error, Result};
 
 /// How a pass treats attention keys and values.
@@ -223,8 +224,8 @@ pub fn attention(
     }
 }
 
-/// Attention of the tokens from each sequence's start on, over the cached prefix and themselves (composed,
-/// differentiable operations).
+/// Attention of the tokens from each sequence's start on, over the cached prefix and themselves: one differentiable
+/// CPU operation for `f32` on the CPU ([`super::prefix_attention_cpu`]), composed candle operations otherwise.
 #[allow(clippy::too_many_arguments)]
 fn prefix_attention(
     layer: usize,
@@ -238,6 +239,11 @@ fn prefix_attention(
 ) -> Result<Tensor> {
     let AttentionShape { heads, kv_heads, head_dim } = cache.shape;
     let (prefix_k, prefix_v) = cache.layer(layer)?;
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let geometry =
+            PrefixGeometry { starts: cache.starts.clone(), lengths: packing.lengths().to_vec(), shape: cache.shape };
+        return super::prefix_attention_cpu::prefix_attention(q, k, v, (prefix_k, prefix_v), &geometry, rotary);
+    }
     let layout = cache.layout(packing, rotary, q.dtype())?;
     let (q, k) = match (rotary, &layout.tables) {
         (Some(rotary), Some((cos, sin))) => (

@@ -128,6 +128,8 @@ fn load(registry: &Registry, id: &str) -> Result<LoadedModel> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: first thing in main, before any other thread exists.
+    unsafe { editguard::runtime::configure_process() };
     let cli = Cli::parse();
     let registry = Registry::discover(cli.registry.as_deref())?;
     let model_or_default = |m: Option<String>| m.unwrap_or_else(|| registry.default_model.clone());
