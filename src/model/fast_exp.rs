@@ -101,6 +101,17 @@ pub fn with_cpu_f32<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R
     }
 }
 
+/// The elements of an `f32` CPU tensor (any layout) as one vector; an error for any other tensor.
+pub fn cpu_f32_values(tensor: &Tensor) -> Result<Vec<f32>> {
+    let tensor = tensor.contiguous()?;
+    match with_cpu_f32(&tensor, |values| values.to_vec()) {
+        Some(values) => Ok(values),
+        None => {
+            candle_core::bail!("expected an f32 tensor on the CPU, found {:?} on {:?}", tensor.dtype(), tensor.device())
+        }
+    }
+}
+
 /// The SwiGLU product `silu(gate) · up` of a stacked `(rows, 2·width)` projection `[gate | up]`, for the fast
 /// (no-gradient) path on the CPU; other devices and dtypes use candle's composed operations.
 pub fn silu_mul_fast(gate_up: &Tensor, width: usize) -> Result<Tensor> {

@@ -16,9 +16,10 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::fast_exp::{exp_f32, silu_mul_fast, with_cpu_f32, with_simd};
+use super::fast_exp::{cpu_f32_values as values_of, exp_f32, silu_mul_fast, with_simd};
 
-/// Whether `x` can take the fused operations: an `f32` tensor on the CPU.
+/// Whether `x` can take the fused operations (these, and the prefix attention of [`super::prefix_attention_cpu`]): an
+/// `f32` tensor on the CPU.
 pub fn supports(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
@@ -52,15 +53,6 @@ struct SwiGlu {
 fn value_storage(value: &Tensor) -> Result<(CpuStorage, Shape)> {
     let values = value.flatten_all()?.to_vec1::<f32>()?;
     Ok((CpuStorage::F32(values), value.shape().clone()))
-}
-
-/// The elements of a tensor as one contiguous `f32` vector.
-fn values_of(tensor: &Tensor) -> Result<Vec<f32>> {
-    let tensor = tensor.contiguous()?;
-    match with_cpu_f32(&tensor, |values| values.to_vec()) {
-        Some(values) => Ok(values),
-        None => candle_core::bail!("fused op: expected an f32 CPU tensor"),
-    }
 }
 
 impl CustomOp1 for RmsNorm {

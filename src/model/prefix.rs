@@ -239,7 +239,7 @@ fn prefix_attention(
 ) -> Result<Tensor> {
     let AttentionShape { heads, kv_heads, head_dim } = cache.shape;
     let (prefix_k, prefix_v) = cache.layer(layer)?;
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if super::fused::supports(q) {
         let geometry =
             PrefixGeometry { starts: cache.starts.clone(), lengths: packing.lengths().to_vec(), shape: cache.shape };
         return super::prefix_attention_cpu::prefix_attention(q, k, v, (prefix_k, prefix_v), &geometry, rotary);

@@ -17,9 +17,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::attention_cpu::{dot, share_out};
-use super::fast_exp::{exp_f32, with_cpu_f32, with_simd};
+use super::fast_exp::{cpu_f32_values as values_of, exp_f32, with_simd};
 use super::layers::{AttentionShape, Rotary};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Where every sequence's rows lie: its prefix rows in the cache and its own rows in the packed batch.
 #[derive(Clone)]
@@ -95,12 +95,6 @@ struct PrefixAttention {
     rotary: Option<Rotary>,
     /// The forward value, computed before the op is recorded.
     value: Vec<f32>,
-}
-
-fn values_of(tensor: &Tensor) -> Result<Vec<f32>> {
-    let tensor = tensor.contiguous()?;
-    with_cpu_f32(&tensor, |values| values.to_vec())
-        .ok_or_else(|| Error::invalid("(prefix attention)", "dtype", "expected f32 tensors on the CPU"))
 }
 
 /// One sequence's view of the keys or values it attends to: its prefix rows, then its own rows.
@@ -337,10 +331,9 @@ impl CustomOp3 for PrefixAttention {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let read = |t: &Tensor| values_of(t).map_err(|e| candle_core::Error::Msg(e.to_string()));
-        let (mut q_rotated, mut k_rotated) = (read(q)?, read(k)?);
+        let (mut q_rotated, mut k_rotated) = (values_of(q)?, values_of(k)?);
         self.rotate(&mut q_rotated, &mut k_rotated);
-        let (mut dq, mut dk, dv) = self.backward(&q_rotated, &k_rotated, &read(v)?, &read(grad_res)?);
+        let (mut dq, mut dk, dv) = self.backward(&q_rotated, &k_rotated, &values_of(v)?, &values_of(grad_res)?);
         if let Some(rotary) = &self.rotary {
             let AttentionShape { heads, kv_heads, head_dim } = self.geometry.shape;
             let positions = self.geometry.positions();
