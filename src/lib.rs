@@ -15,6 +15,10 @@
 //! - [`cases`] reads the edit suites under `cases/` (what to edit, how, with which methods and models, what to expect).
 //! - [`harness`] turns suites × methods × models into generated tests with thresholds, verdicts and insta baselines.
 //! - [`tasks`] are the downstream tasks (PIQA, HellaSwag, MMLU, …) scored on an edited model.
+//! - [`mining`] finds the dataset records whose single edit collapses a model (`editguard mine`), with a journal,
+//!   a screen and a report.
+//! - [`shrink`] reduces a collapsing multi-edit test to a minimal list of edits that still collapses (ddmin).
+//! - [`plotting`] holds what the SVG plots share.
 //! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory.
 //! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
 //! - [`error`] is the library's error type, naming file, field and remedy.
@@ -29,9 +33,12 @@ pub mod error;
 pub mod harness;
 pub mod methods;
 pub mod metrics;
+pub mod mining;
 pub mod model;
+pub mod plotting;
 pub mod registry;
 pub mod runtime;
+pub mod shrink;
 pub mod source;
 pub mod tasks;
 

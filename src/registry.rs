@@ -64,6 +64,9 @@ pub struct ModelEntry {
     /// Verdict thresholds, read by the harness.
     #[serde(default)]
     pub thresholds: toml::Table,
+    /// Per-method mining screens (`[models.<id>.screens.<method>]`), read by `editguard mine`.
+    #[serde(default)]
+    pub screens: BTreeMap<String, toml::Table>,
 }
 
 /// Compute dtype for a model's weights.

@@ -12,6 +12,8 @@
 //! Listing a suite's tests needs nothing but this file: single-setting suites over a dataset therefore name their
 //! records (`ids`); a seeded `sample` is for the multi-edit settings, which are one test per suite.
 
+pub mod write;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -120,6 +122,10 @@ pub struct InlineCase {
     /// Where the case comes from (paper, table, dataset record).
     #[serde(default)]
     pub source: Option<String>,
+    /// The tier of this case's tests, over the suite's (single-setting suites only): a heavy suite can run a few of
+    /// its cases in the default tier.
+    #[serde(default)]
+    pub tier: Option<Spanned<Tier>>,
 }
 
 /// Records of an edit dataset.
@@ -177,6 +183,8 @@ struct SuiteFile {
     #[serde(default)]
     check_every: Option<Spanned<usize>>,
     #[serde(default)]
+    stop_at_collapse: Option<Spanned<bool>>,
+    #[serde(default)]
     thresholds: ThresholdOverrides,
     #[serde(default)]
     tasks: Vec<Spanned<String>>,
@@ -224,6 +232,9 @@ pub struct Suite {
     pub batch_size: usize,
     /// Check after every this many operations (edits or batches).
     pub check_every: usize,
+    /// Stop a kept run at its first collapse (the default); `false` keeps editing and measuring to draw the whole
+    /// perplexity curve (the collapse still decides the verdict).
+    pub stop_at_collapse: bool,
     /// Threshold overrides.
     pub thresholds: ThresholdOverrides,
     /// Downstream tasks asserted (names of the task table).
@@ -393,6 +404,17 @@ impl Suite {
             Some(k) => *k.get_ref(),
             None => 1,
         };
+        let stop_at_collapse = match &file.stop_at_collapse {
+            Some(flag) if !file.setting.keeps_edits() => {
+                return Err(Error::invalid(
+                    at(flag.span()),
+                    "stop_at_collapse",
+                    "only sequential settings keep editing after a checkpoint",
+                ));
+            }
+            Some(flag) => *flag.get_ref(),
+            None => true,
+        };
         let suite = Suite {
             name,
             path: path.to_path_buf(),
@@ -405,6 +427,7 @@ impl Suite {
             edits,
             batch_size,
             check_every,
+            stop_at_collapse,
             thresholds: file.thresholds,
             tasks: file.tasks.iter().map(|t| t.get_ref().clone()).collect(),
             task_items,
@@ -464,6 +487,15 @@ impl Suite {
             Setting::Sequential => vec![format!("n{}", self.edits)],
             Setting::Batch | Setting::BatchSequential => vec![format!("n{}-b{}", self.edits, self.batch_size)],
         }
+    }
+
+    /// The tier of a test of this suite: the case's own tier when it names one, else the suite's.
+    pub fn tier_of(&self, case: &str) -> Tier {
+        self.cases
+            .iter()
+            .find(|c| c.name.get_ref() == case)
+            .and_then(|c| c.tier.as_ref().map(|t| *t.get_ref()))
+            .unwrap_or(self.tier)
     }
 
     /// The expected outcome of (method, model, case) with its reason; `hold` when no expectation matches.
@@ -551,6 +583,14 @@ fn check_sources(file: &SuiteFile, text: &str, origin: &str) -> Result<(Vec<Inli
                     ));
                 }
                 case.to_request(&at(case.name.span()))?;
+                if let (Some(tier), false) = (&case.tier, file.setting == Setting::Single) {
+                    return Err(Error::invalid(
+                        at(tier.span()),
+                        format!("cases[{i}].tier"),
+                        "only single-setting suites run a case on its own, in a tier of its own; \
+                         a multi-edit suite has one tier",
+                    ));
+                }
             }
             Ok((file.cases.clone(), None))
         }

@@ -139,3 +139,28 @@ fn suites_name_known_tasks_and_a_positive_sample_size() {
     let e = err(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntask_items = 5\n{CASE}"));
     assert!(e.contains("task_items") && e.contains("names no `tasks`"), "{e}");
 }
+
+#[test]
+fn a_case_may_run_in_a_tier_of_its_own_in_single_suites_only() {
+    let tiered = CASE.replacen("name = \"tesla\"", "name = \"tesla\"\ntier = \"default\"", 1);
+    let suite = parse(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntier = \"heavy\"\n{tiered}")).unwrap();
+    assert_eq!((suite.tier_of("tesla"), suite.tier_of("darrieux")), (Tier::Default, Tier::Heavy));
+    let specs = crate::harness::trial::plan(std::slice::from_ref(&suite));
+    let heavy: Vec<(&str, bool)> = specs.iter().map(|s| (s.name.as_str(), s.heavy)).collect();
+    assert!(heavy.contains(&("single::ft-l-inf::tiny::demo::tesla", false)), "{heavy:?}");
+    assert!(heavy.contains(&("single::ft-l-inf::tiny::demo::darrieux", true)), "{heavy:?}");
+    assert!(heavy.contains(&("baseline::tiny::me-ppl-50", false)), "a default-tier case needs its baseline: {heavy:?}");
+    let e = err(&format!("description = \"d\"\nsetting = \"sequential\"\nmethods = [\"ft-l-inf\"]\n{tiered}"));
+    assert!(e.contains("cases[1].tier") && e.contains("one tier"), "{e}");
+}
+
+#[test]
+fn stop_at_collapse_is_for_kept_settings() {
+    let text = format!(
+        "description = \"d\"\nsetting = \"sequential\"\nmethods = [\"ft-l-inf\"]\nstop_at_collapse = false\n{CASE}"
+    );
+    assert!(!parse(&text).unwrap().stop_at_collapse);
+    assert!(parse(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\n{CASE}")).unwrap().stop_at_collapse);
+    let e = err(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\nstop_at_collapse = false\n{CASE}"));
+    assert!(e.contains("cases/demo.toml:3") && e.contains("stop_at_collapse"), "{e}");
+}

@@ -6,45 +6,32 @@ use plotters::prelude::*;
 
 use super::CorrelationReport;
 use crate::error::{Error, Result};
-
-const COLOURS: [RGBColor; 8] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-];
+use crate::plotting::{COLOURS, write_svg as render};
 
 /// Writes the plot of `report` to `path` as SVG (written to a temporary file first, then renamed into place).
 pub fn write_svg(report: &CorrelationReport, path: &Path) -> Result<()> {
-    let failed = |e: &dyn std::fmt::Display| Error::invalid(path.display().to_string(), "(plot)", e.to_string());
     if report.points.is_empty() {
-        return Err(failed(&"no checkpoint was measured"));
+        return Err(Error::invalid(path.display().to_string(), "(plot)", "no checkpoint was measured"));
     }
     let x: Vec<f64> = report.points.iter().map(|p| p.mean_ppl.log10()).collect();
     let (low, high) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
     let pad = ((high - low) * 0.05).max(0.05);
-    let temporary = path.with_extension("svg.tmp");
-    {
-        let root = SVGBackend::new(&temporary, (900, 560)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| failed(&e))?;
+    render(path, (900, 560), |root| {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
         let caption = format!("{}: task scores vs perplexity ({} edits)", report.model, report.method);
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(root)
             .caption(caption, ("sans-serif", 20))
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(56)
             .build_cartesian_2d(low - pad..high + pad, 0f64..1f64)
-            .map_err(|e| failed(&e))?;
+            .map_err(|x| e(&x))?;
         chart
             .configure_mesh()
             .x_desc("log10 ME-PPL_50 mean perplexity")
             .y_desc("task score")
             .draw()
-            .map_err(|e| failed(&e))?;
+            .map_err(|x| e(&x))?;
         for (t, ((task, metric), rho)) in report.tasks.iter().zip(&report.spearman).enumerate() {
             let colour = COLOURS[t % COLOURS.len()];
             let series: Vec<(f64, f64)> = x.iter().zip(&report.points).map(|(x, p)| (*x, p.scores[t])).collect();
@@ -54,20 +41,19 @@ pub fn write_svg(report: &CorrelationReport, path: &Path) -> Result<()> {
             };
             chart
                 .draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))
-                .map_err(|e| failed(&e))?
+                .map_err(|x| e(&x))?
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
             chart
                 .draw_series(series.into_iter().map(|point| Circle::new(point, 4, colour.filled())))
-                .map_err(|e| failed(&e))?;
+                .map_err(|x| e(&x))?;
         }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
-            .map_err(|e| failed(&e))?;
-        root.present().map_err(|e| failed(&e))?;
-    }
-    std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
+            .map_err(|x| e(&x))?;
+        Ok(())
+    })
 }

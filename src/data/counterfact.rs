@@ -166,3 +166,13 @@ pub fn seeded_sample(requests: &[EditRequest], n: usize, seed: u64) -> Vec<EditR
     picked.sort_unstable();
     picked.into_iter().map(|i| requests[i].clone()).collect()
 }
+
+/// All requests in a seeded random order (a Fisher–Yates shuffle). Unlike [`seeded_sample`], the first `n` of the
+/// order are the same whatever `n` is later asked for, so a mine can be extended by asking for more records.
+pub fn seeded_order(requests: &[EditRequest], seed: u64) -> Vec<EditRequest> {
+    use rand::seq::SliceRandom;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut order = requests.to_vec();
+    order.shuffle(&mut rng);
+    order
+}

@@ -158,31 +158,28 @@ pub fn measure_edits(
         if !plan.keep || (index + 1) % plan.check_every == 0 || last {
             let (measured, local) = if plan.keep { (&requests[..done], 0) } else { (chunk, start) };
             let slice = LocalityBaseline { predictions: locality.predictions[local..local + measured.len()].to_vec() };
-            let quality = measure(&model, measured, &slice)?;
-            let report = perplexity(&model, &sentences, PerplexityOptions::default(), None)?;
-            let checkpoint = Checkpoint {
-                edits: done,
-                mean_ppl: report.mean_sentence_ppl,
-                corpus_ppl: report.corpus_ppl,
-                ppl_ratio: report.mean_sentence_ppl / baseline.mean_ppl,
-                relative_norm,
-                efficacy: share(&quality.took),
-                efficacy_accuracy: quality.efficacy_accuracy,
-                generalization: quality.generalization,
-                locality: quality.locality,
-            };
+            let (checkpoint, quality_took) =
+                measure_checkpoint(&model, measured, &slice, &sentences, baseline.mean_ppl, relative_norm, done)?;
             if plan.keep {
-                took = quality.took.clone();
+                took = quality_took;
             } else {
-                took.extend(quality.took.iter().copied());
+                took.extend(quality_took);
             }
             let finding = judge_checkpoint(&checkpoint, &thresholds, baseline.mean_ppl);
             checkpoints.push(checkpoint);
-            if let Some(finding) = finding {
-                findings.push(finding);
-                break;
+            let collapsed_before = findings.iter().any(|f| matches!(f, Finding::Collapse { .. }));
+            match finding {
+                // A suite drawing the whole curve keeps editing after the first crossing (recorded once).
+                Some(Finding::Collapse { .. }) if !suite.stop_at_collapse && collapsed_before => {}
+                Some(finding @ Finding::Collapse { .. }) if !suite.stop_at_collapse => findings.push(finding),
+                Some(finding) => {
+                    findings.push(finding);
+                    break;
+                }
+                None => {}
             }
-            if last && !task_baselines.is_empty() {
+            let collapsed = findings.iter().any(|f| matches!(f, Finding::Collapse { .. }));
+            if last && !collapsed && !task_baselines.is_empty() {
                 let (checks, drops) = check_edited(context, &model, &task_baselines, thresholds.task_tolerance)?;
                 tasks = checks;
                 findings.extend(drops);
@@ -219,6 +216,35 @@ pub fn measure_edits(
     })
 }
 
+/// Measures an edited model at a checkpoint, exactly as every edit test does: edit quality on `measured` (locality
+/// against `locality`, taken before the edits), mean and corpus perplexity on `sentences`, and the ratio to
+/// `baseline_ppl`. Returns the checkpoint and, per measured request, whether its edit took. `editguard mine` measures
+/// its single edits with this too, so a mined verdict is the harness's verdict.
+pub fn measure_checkpoint(
+    model: &LoadedModel,
+    measured: &[EditRequest],
+    locality: &LocalityBaseline,
+    sentences: &[String],
+    baseline_ppl: f64,
+    relative_norm: f64,
+    edits: usize,
+) -> Result<(Checkpoint, Vec<bool>)> {
+    let quality = measure(model, measured, locality)?;
+    let report = perplexity(model, sentences, PerplexityOptions::default(), None)?;
+    let checkpoint = Checkpoint {
+        edits,
+        mean_ppl: report.mean_sentence_ppl,
+        corpus_ppl: report.corpus_ppl,
+        ppl_ratio: report.mean_sentence_ppl / baseline_ppl,
+        relative_norm,
+        efficacy: share(&quality.took),
+        efficacy_accuracy: quality.efficacy_accuracy,
+        generalization: quality.generalization,
+        locality: quality.locality,
+    };
+    Ok((checkpoint, quality.took))
+}
+
 struct Plan {
     batch_size: usize,
     keep: bool,
@@ -248,6 +274,9 @@ fn describe_plan(suite: &Suite) -> String {
     }
     if suite.setting.keeps_edits() {
         text.push_str(&format!(", check every {}", suite.check_every));
+        if !suite.stop_at_collapse {
+            text.push_str(", measured past a collapse");
+        }
     }
     if !suite.tasks.is_empty() {
         text.push_str(&format!(

@@ -30,7 +30,7 @@ pub struct ThresholdOverrides {
 }
 
 /// A complete set of thresholds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Thresholds {
     /// See [`ThresholdOverrides::collapse_ppl`].
     pub collapse_ppl: f64,

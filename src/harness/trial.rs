@@ -85,7 +85,10 @@ pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
     let mut task_baselines: BTreeMap<(String, String, usize, u64), bool> = BTreeMap::new();
     let mut edits = Vec::new();
     for (index, suite) in suites.iter().enumerate() {
-        let heavy = suite.tier == Tier::Heavy;
+        let cases: Vec<(String, bool)> =
+            suite.trial_cases().into_iter().map(|c| (c.clone(), suite.tier_of(&c) == Tier::Heavy)).collect();
+        // A baseline is heavy only when every test that needs it is.
+        let heavy = cases.iter().all(|(_, heavy)| *heavy);
         for model in &suite.models {
             let slot = baselines.entry((model.clone(), suite.corpus.clone())).or_insert(true);
             *slot &= heavy;
@@ -94,7 +97,7 @@ pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
                 *task_baselines.entry(key).or_insert(true) &= heavy;
             }
             for method in &suite.methods {
-                for case in suite.trial_cases() {
+                for (case, heavy) in cases.iter().cloned() {
                     edits.push(TrialSpec {
                         name: format!("{}::{method}::{model}::{}::{case}", suite.setting.name(), suite.name),
                         kind: TrialKind::Edit { suite: index, method: method.clone(), model: model.clone(), case },

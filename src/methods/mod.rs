@@ -12,6 +12,7 @@ pub mod linalg;
 pub mod memit;
 pub mod request;
 pub mod rome;
+pub mod screen;
 pub mod stats;
 pub mod subject;
 pub mod target;
@@ -24,6 +25,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 pub use request::{EditRequest, LocalityProbe};
+pub use screen::ScreenSignals;
 
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, WeightBackup, WeightId};
@@ -42,6 +44,11 @@ pub trait EditMethod: Send + Sync {
     fn name(&self) -> &'static str;
     /// Applies `requests` to `model` in place (a batch for methods that support it; one after another otherwise).
     fn apply(&self, model: &mut LoadedModel, requests: &[EditRequest], env: &EditEnv) -> Result<AppliedEdit>;
+    /// Cheap signals of how violent this request's edit would be, computed without editing (before any target
+    /// optimisation), for `editguard mine`'s screen. `None`: the method offers no screen.
+    fn screen(&self, _model: &LoadedModel, _request: &EditRequest, _env: &EditEnv) -> Result<Option<ScreenSignals>> {
+        Ok(None)
+    }
 }
 
 /// One weight's change.
@@ -184,4 +191,9 @@ pub fn parse_params<T: serde::de::DeserializeOwned>(table: &toml::Table, origin:
 /// ‖x‖₂ of a vector as f64.
 pub fn l2_norm(x: &Tensor) -> Result<f64> {
     Ok(x.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+/// The dot product of two vectors as f64.
+pub fn dot(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a.to_dtype(DType::F64)? * b.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()?)
 }

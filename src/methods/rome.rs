@@ -17,6 +17,7 @@
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
+use super::screen::{RankOneGeometry, ScreenSignals, rank_one_signals, request_signals};
 use super::target::{TargetParams, contextualise, optimize_target};
 use super::templates::{TemplateCache, TemplateParams, TemplateStyle};
 use super::{EditEnv, EditMethod, EditRecorder, EditRequest, MethodEntry, l2_norm, parse_params};
@@ -164,8 +165,7 @@ impl Rome {
         }
     }
 
-    /// The rank-one update for one request on the current model: `(ΔW, u, v*)`.
-    pub fn update_for(&self, model: &LoadedModel, request: &EditRequest, env: &EditEnv) -> Result<RankOneUpdate> {
+    fn check_layers(&self, model: &LoadedModel) -> Result<usize> {
         let layer = self.params.layers[0];
         let dims = model.dims();
         if self.params.v_loss_layer + 1 != dims.layers || layer >= dims.layers {
@@ -175,19 +175,52 @@ impl Rome {
                 format!("expected the last layer ({}) and an edit layer below it", dims.layers - 1),
             ));
         }
-        let started = std::time::Instant::now();
-        let templates = self.templates.get(model)?;
-        let templates_seconds = started.elapsed().as_secs_f64();
-        let observed = keys_and_outputs(model, request, &templates, layer)?;
+        Ok(layer)
+    }
+
+    /// The key side of the update: the keys and outputs over the templates, `k̄` and the unit direction `u`.
+    fn key_side(
+        &self,
+        model: &LoadedModel,
+        request: &EditRequest,
+        templates: &[String],
+        env: &EditEnv,
+    ) -> Result<KeySide> {
+        let layer = self.params.layers[0];
+        let observed = keys_and_outputs(model, request, templates, layer)?;
         let mean_key = observed.keys.to_dtype(DType::F64)?.mean(0)?;
         let u = if self.params.mom2_adjustment {
-            let corpus = super::stats::StatsCorpus::default_for(env.data_dir.as_deref(), self.params.mom2_n_samples)?;
-            let moment = super::stats::second_moments(model, &[layer], &corpus, None)?.remove(0);
-            super::linalg::solve_spd(&moment.matrix, &mean_key.unsqueeze(1)?)?.squeeze(1)?
+            let moment = self.second_moment(model, env, self.params.mom2_n_samples)?;
+            super::linalg::solve_spd(&moment, &mean_key.unsqueeze(1)?)?.squeeze(1)?
         } else {
             mean_key.clone()
         };
-        let u = (&u / l2_norm(&u)?)?;
+        let direction = (&u / l2_norm(&u)?)?;
+        Ok(KeySide { observed, mean_key, direction })
+    }
+
+    fn second_moment(&self, model: &LoadedModel, env: &EditEnv, sentences: usize) -> Result<Tensor> {
+        let corpus = super::stats::StatsCorpus::default_for(env.data_dir.as_deref(), sentences)?;
+        Ok(super::stats::second_moments(model, &self.params.layers, &corpus, None)?.remove(0).matrix)
+    }
+
+    /// The key `k` the update is solved for and the current output `W k` it replaces (f64).
+    fn update_key(&self, side: &KeySide) -> Result<(Tensor, Tensor)> {
+        Ok(match self.key {
+            KeyChoice::Unprefixed => {
+                (side.observed.keys.get(0)?.to_dtype(DType::F64)?, side.observed.outputs.get(0)?.to_dtype(DType::F64)?)
+            }
+            KeyChoice::PrefixAveraged => (side.mean_key.clone(), side.observed.outputs.to_dtype(DType::F64)?.mean(0)?),
+        })
+    }
+
+    /// The rank-one update for one request on the current model: `(ΔW, u, v*)`.
+    pub fn update_for(&self, model: &LoadedModel, request: &EditRequest, env: &EditEnv) -> Result<RankOneUpdate> {
+        let layer = self.check_layers(model)?;
+        let started = std::time::Instant::now();
+        let templates = self.templates.get(model)?;
+        let templates_seconds = started.elapsed().as_secs_f64();
+        let side = self.key_side(model, request, &templates, env)?;
         let keys_seconds = started.elapsed().as_secs_f64() - templates_seconds;
         let optimized =
             optimize_target(model, request, &templates, layer, HookPoint::MlpOutput, &self.target_params())?;
@@ -200,13 +233,9 @@ impl Rome {
             );
         }
         let target = optimized.target()?.to_dtype(DType::F64)?;
-        let (key, output) = match self.key {
-            KeyChoice::Unprefixed => {
-                (observed.keys.get(0)?.to_dtype(DType::F64)?, observed.outputs.get(0)?.to_dtype(DType::F64)?)
-            }
-            KeyChoice::PrefixAveraged => (mean_key, observed.outputs.to_dtype(DType::F64)?.mean(0)?),
-        };
-        let denominator = (&key * &u)?.sum_all()?.to_scalar::<f64>()?;
+        let (key, output) = self.update_key(&side)?;
+        let u = &side.direction;
+        let denominator = (&key * u)?.sum_all()?.to_scalar::<f64>()?;
         let right = ((target - output)? / denominator)?;
         let delta = right.unsqueeze(1)?.matmul(&u.unsqueeze(0)?)?.to_dtype(model.dtype)?;
         Ok(RankOneUpdate {
@@ -216,6 +245,16 @@ impl Rome {
             losses: optimized.losses,
         })
     }
+}
+
+/// Sentences of the statistics corpus the screen's second moment `C` uses when the method itself uses none
+/// (`mom2_adjustment` off): MEMIT's setting on the default model, so the two share one cache entry.
+pub const SCREEN_MOMENT_SENTENCES: usize = 2000;
+
+struct KeySide {
+    observed: KeysAndOutputs,
+    mean_key: Tensor,
+    direction: Tensor,
 }
 
 /// What one ROME step computed (exposed for tests of the algebra).
@@ -233,6 +272,34 @@ pub struct RankOneUpdate {
 impl EditMethod for Rome {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn screen(&self, model: &LoadedModel, request: &EditRequest, env: &EditEnv) -> Result<Option<ScreenSignals>> {
+        let layer = self.check_layers(model)?;
+        let templates = self.templates.get(model)?;
+        let side = self.key_side(model, request, &templates, env)?;
+        let (key, _) = self.update_key(&side)?;
+        let weight = model.network.weight(WeightId::MlpDown(layer))?.to_dtype(DType::F64)?;
+        // v₀ is the bare prompt's MLP output; δ is clamped to clamp_norm_factor · ‖v₀‖. For rome the residual
+        // v* − W k is δ itself; r-rome replaces W k by the template mean, which adds ‖v₀ − mean output‖.
+        let bare_output = side.observed.outputs.get(0)?.to_dtype(DType::F64)?;
+        let mut residual_bound = self.params.clamp_norm_factor * l2_norm(&bare_output)?;
+        if self.key == KeyChoice::PrefixAveraged {
+            let mean_output = side.observed.outputs.to_dtype(DType::F64)?.mean(0)?;
+            residual_bound += l2_norm(&(bare_output - mean_output)?)?;
+        }
+        let sentences = if self.params.mom2_adjustment { self.params.mom2_n_samples } else { SCREEN_MOMENT_SENTENCES };
+        let moment = self.second_moment(model, env, sentences)?;
+        let mut signals = rank_one_signals(&RankOneGeometry {
+            weight: &weight,
+            key: &key,
+            mean_key: &side.mean_key,
+            direction: &side.direction,
+            residual_bound,
+            second_moment: Some(&moment),
+        })?;
+        signals.extend(request_signals(model, request)?.0);
+        Ok(Some(signals))
     }
 
     fn apply(&self, model: &mut LoadedModel, requests: &[EditRequest], env: &EditEnv) -> Result<super::AppliedEdit> {

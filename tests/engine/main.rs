@@ -6,6 +6,7 @@ mod cli;
 mod gradients;
 mod harness;
 mod methods;
+mod mining;
 mod reference;
 mod support;
 mod tasks;

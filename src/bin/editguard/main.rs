@@ -2,6 +2,8 @@
 
 mod correlate;
 mod edit;
+mod mine;
+mod shrink;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,6 +58,11 @@ enum Command {
     },
     /// Apply edits with a method; report edit quality, perplexity before/after, ‖ΔW‖ and seconds per edit.
     Edit(edit::EditArgs),
+    /// Mine hard cases: single edits over dataset records, keeping those that collapse the model (journaled,
+    /// resumable, optionally screened); `--report JOURNAL` summarises a journal.
+    Mine(mine::MineArgs),
+    /// Shrink a collapsing sequential or batch test to a minimal list of edits that still collapses (ddmin).
+    Shrink(shrink::ShrinkArgs),
     /// Score downstream tasks on a model, each next to its random-guess floor.
     Eval {
         /// Model id (default: the registry's default model).
@@ -249,6 +256,13 @@ fn main() -> Result<()> {
             let model = load(&registry, &id)?;
             edit::run(args, &registry, cli.data_dir.clone(), model)?;
         }
+        Command::Mine(args) if args.report_only() => mine::report_only(&args, &registry)?,
+        Command::Mine(args) => {
+            let id = model_or_default(args.model_id());
+            let model = load(&registry, &id)?;
+            mine::run(args, &registry, cli.data_dir.clone(), model)?;
+        }
+        Command::Shrink(args) => shrink::run(args, cli.data_dir.clone())?,
         Command::Stats { model, layers, n } => {
             let id = model_or_default(model);
             let model = load(&registry, &id)?;
