@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 
+use crate::cases::Outcome;
 use crate::methods::EditRequest;
 
 /// `text` as a TOML string literal.
@@ -41,6 +42,18 @@ pub fn case_name(dataset: &str, id: &str, subject: &str, target: &str) -> String
         .filter(|p| !p.is_empty())
         .collect::<Vec<_>>()
         .join("-")
+}
+
+/// One `[[expect]]` table: `outcome` for `method` (on `case`, when given), with the measured `reason`.
+pub fn expect_block(outcome: Outcome, method: &str, case: Option<&str>, reason: &str) -> String {
+    let mut text = String::from("\n[[expect]]\n");
+    let _ = writeln!(text, "outcome = {}", quoted(outcome.name()));
+    let _ = writeln!(text, "methods = [{}]", quoted(method));
+    if let Some(case) = case {
+        let _ = writeln!(text, "cases = [{}]", quoted(case));
+    }
+    let _ = writeln!(text, "reason = {}", quoted(reason));
+    text
 }
 
 /// One `[[cases]]` table for `request` under `name`, with `source` (and, when given, a per-case `tier`).

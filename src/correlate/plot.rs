@@ -6,7 +6,7 @@ use plotters::prelude::*;
 
 use super::CorrelationReport;
 use crate::error::{Error, Result};
-use crate::plotting::{COLOURS, write_svg as render};
+use crate::plotting::{COLOURS, draw_legend, write_svg as render};
 
 /// Writes the plot of `report` to `path` as SVG (written to a temporary file first, then renamed into place).
 pub fn write_svg(report: &CorrelationReport, path: &Path) -> Result<()> {
@@ -48,12 +48,7 @@ pub fn write_svg(report: &CorrelationReport, path: &Path) -> Result<()> {
                 .draw_series(series.into_iter().map(|point| Circle::new(point, 4, colour.filled())))
                 .map_err(|x| e(&x))?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(&x))?;
+        draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         Ok(())
     })
 }

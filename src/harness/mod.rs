@@ -12,6 +12,7 @@
 
 pub mod baseline;
 pub mod context;
+pub mod curves;
 pub mod execute;
 pub mod snapshot;
 pub mod task_checks;

@@ -46,6 +46,21 @@ pub struct Thresholds {
     pub drift_tolerance: f64,
 }
 
+impl Thresholds {
+    /// The shipped defaults of models.toml, for unit tests that need a complete set.
+    #[cfg(test)]
+    pub(crate) fn shipped_defaults() -> Thresholds {
+        Thresholds {
+            collapse_ppl: 1000.0,
+            collapse_ratio: 2.0,
+            min_efficacy: 0.5,
+            task_tolerance: 0.05,
+            baseline_tolerance: 1e-4,
+            drift_tolerance: 0.02,
+        }
+    }
+}
+
 impl ThresholdOverrides {
     /// Parses one layer from a TOML table; `origin` and `table` name it in errors.
     pub fn from_table(table: &toml::Table, origin: &str, table_path: &str) -> Result<Self> {

@@ -293,14 +293,7 @@ mod tests {
     use super::*;
 
     fn thresholds() -> Thresholds {
-        Thresholds {
-            collapse_ppl: 1000.0,
-            collapse_ratio: 2.0,
-            min_efficacy: 0.5,
-            task_tolerance: 0.05,
-            baseline_tolerance: 1e-4,
-            drift_tolerance: 0.02,
-        }
+        Thresholds::shipped_defaults()
     }
 
     fn checkpoint(ppl: f64) -> Checkpoint {

@@ -322,14 +322,7 @@ mod tests {
             dataset: "counterfact".into(),
             selection: "seeded order, seed 0".into(),
             corpus: "me-ppl-50".into(),
-            thresholds: Thresholds {
-                collapse_ppl: 1000.0,
-                collapse_ratio: 2.0,
-                min_efficacy: 0.5,
-                task_tolerance: 0.05,
-                baseline_tolerance: 1e-4,
-                drift_tolerance: 0.02,
-            },
+            thresholds: Thresholds::shipped_defaults(),
             baseline_ppl: 167.29,
         }
     }

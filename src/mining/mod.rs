@@ -272,32 +272,52 @@ fn mine_record(
         entry.seconds = entry.screen_seconds;
         return Ok(entry);
     }
+    match edit_once(
+        model,
+        context.method,
+        request,
+        context.env,
+        context.sentences,
+        context.baseline_ppl,
+        context.thresholds,
+    )? {
+        Ok(measured) => entry.measured = Some(measured),
+        Err(error) => {
+            entry.status = EntryStatus::Failed;
+            entry.error = Some(error);
+        }
+    }
+    entry.seconds = started.elapsed().as_secs_f64();
+    Ok(entry)
+}
+
+/// Edits `request` once from the current (pristine) weights, measures it exactly as a single-setting edit test does,
+/// and restores the weights. The inner `Err` is the method's own failure (the model is left pristine).
+pub fn edit_once(
+    model: &mut LoadedModel,
+    method: &dyn EditMethod,
+    request: &EditRequest,
+    env: &EditEnv,
+    sentences: &[String],
+    baseline_ppl: f64,
+    thresholds: &thresholds::Thresholds,
+) -> Result<std::result::Result<EditMeasurement, String>> {
     let requests = std::slice::from_ref(request);
     let locality = locality_baseline(model, requests)?;
-    let edit = match context.method.apply(model, requests, context.env) {
+    let edit = match method.apply(model, requests, env) {
         Ok(edit) => edit,
+        Err(e) if model.is_pristine() => return Ok(Err(e.to_string())),
         Err(e) => {
-            if !model.is_pristine() {
-                return Err(Error::invalid(
-                    "(mine)",
-                    "model",
-                    format!("the method failed and left the model edited: {e}"),
-                ));
-            }
-            entry.status = EntryStatus::Failed;
-            entry.error = Some(e.to_string());
-            entry.seconds = started.elapsed().as_secs_f64();
-            return Ok(entry);
+            return Err(Error::invalid("(mine)", "model", format!("the method failed and left the model edited: {e}")));
         }
     };
     let edit_seconds = edit.seconds;
     let relative_norm = edit.max_relative_norm();
-    let measured =
-        measure_checkpoint(model, requests, &locality, context.sentences, context.baseline_ppl, relative_norm, 1);
+    let measured = measure_checkpoint(model, requests, &locality, sentences, baseline_ppl, relative_norm, 1);
     edit.undo(model)?;
     let (checkpoint, _) = measured?;
-    let finding = judge_checkpoint(&checkpoint, context.thresholds, context.baseline_ppl);
-    entry.measured = Some(EditMeasurement {
+    let finding = judge_checkpoint(&checkpoint, thresholds, baseline_ppl);
+    Ok(Ok(EditMeasurement {
         ppl: checkpoint.mean_ppl,
         corpus_ppl: checkpoint.corpus_ppl,
         ratio: checkpoint.ppl_ratio,
@@ -309,7 +329,50 @@ fn mine_record(
         collapsed: matches!(finding, Some(Finding::Collapse { .. })),
         non_finite: matches!(finding, Some(Finding::NonFinite { .. })),
         edit_seconds,
-    });
-    entry.seconds = started.elapsed().as_secs_f64();
-    Ok(entry)
+    }))
+}
+
+/// How another method fares on a mined collapse.
+#[derive(Debug, Clone)]
+pub struct OtherMethodOutcome {
+    /// The method.
+    pub method: String,
+    /// The record id.
+    pub id: String,
+    /// The measurement, or the method's error.
+    pub measured: std::result::Result<EditMeasurement, String>,
+}
+
+/// Edits each of `requests` once with each of `methods` (single edits from the original weights, measured as the
+/// harness measures), so a mined suite can record every method's outcome as measured.
+pub fn measure_other_methods(
+    registry: &Registry,
+    model: &mut LoadedModel,
+    settings: &MineSettings,
+    requests: &[EditRequest],
+    methods: &[String],
+    data_dir: Option<&std::path::Path>,
+    progress: &mut dyn FnMut(&OtherMethodOutcome),
+) -> Result<Vec<OtherMethodOutcome>> {
+    let sentences = Corpus::parse(&settings.corpus).load(data_dir)?;
+    let env = EditEnv { data_dir: data_dir.map(|d| d.to_path_buf()) };
+    let mut out = Vec::new();
+    for name in methods {
+        let method = build_method(registry, &settings.model, name)?;
+        for request in requests {
+            let measured = edit_once(
+                model,
+                method.as_ref(),
+                request,
+                &env,
+                &sentences,
+                settings.baseline_ppl,
+                &settings.thresholds,
+            )?;
+            let outcome = OtherMethodOutcome { method: name.clone(), id: request.id.clone(), measured };
+            progress(&outcome);
+            out.push(outcome);
+        }
+    }
+    Ok(out)
 }

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::metrics::rank_correlation::average_ranks;
-use crate::plotting::{COLOURS, write_svg};
+use crate::plotting::{COLOURS, draw_legend, write_svg};
 
 use super::journal::{EntryStatus, JournalEntry, MineSettings};
 use super::screen::{ScreenRule, calibrate, evaluate};
@@ -298,13 +298,7 @@ pub fn write_scatter(settings: &MineSettings, entries: &[JournalEntry], path: &P
                 .label(label)
                 .legend(move |(x, y)| Circle::new((x + 9, y), 4, colour.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(&x))?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }

@@ -15,8 +15,8 @@ pub mod ddmin;
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use crate::cases::write::{case_name, inline_case, quoted};
-use crate::cases::{Setting, Suite};
+use crate::cases::write::{case_name, expect_block, inline_case, quoted};
+use crate::cases::{Outcome, Setting, Suite};
 use crate::error::{Error, Result};
 use crate::harness::baseline::{corpus_sentences, for_edit_test};
 use crate::harness::context::HarnessContext;
@@ -71,6 +71,22 @@ pub struct ShrinkReport {
     pub edits_applied: usize,
     /// Wall-clock seconds.
     pub seconds: f64,
+}
+
+impl ShrinkReport {
+    /// One line: where the original collapsed and what the reproducer does.
+    pub fn headline(&self) -> String {
+        format!(
+            "collapsed at edit {} of {} (ppl {:.1}); these {} edits collapse at ppl {:.1} ({:.2}x baseline {:.2})",
+            self.collapsed_at,
+            self.original_edits,
+            self.original_ppl,
+            self.minimal.len(),
+            self.minimal_ppl,
+            self.minimal_ppl / self.baseline_ppl,
+            self.baseline_ppl
+        )
+    }
 }
 
 /// Shrinks `target`; `progress` receives one line per run.
@@ -286,20 +302,7 @@ pub fn suite_text(target: &ShrinkTarget, report: &ShrinkReport) -> Result<String
         };
         text.push_str(&inline_case(&name, request, &source, None));
     }
-    let _ = writeln!(text, "\n[[expect]]");
-    let _ = writeln!(text, "outcome = \"collapse\"");
-    let _ = writeln!(text, "methods = [{}]", quoted(&target.method));
-    let reason = format!(
-        "shrunk from {} (collapsed at edit {} of {}, ppl {:.1}): these {} edits collapse at ppl {:.1} ({:.2}x baseline {:.2})",
-        report.test,
-        report.collapsed_at,
-        report.original_edits,
-        report.original_ppl,
-        report.minimal.len(),
-        report.minimal_ppl,
-        report.minimal_ppl / report.baseline_ppl,
-        report.baseline_ppl
-    );
-    let _ = writeln!(text, "reason = {}", quoted(&reason));
+    let reason = format!("shrunk from {}: {}", report.test, report.headline());
+    text.push_str(&expect_block(Outcome::Collapse, &target.method, None, &reason));
     Ok(text)
 }

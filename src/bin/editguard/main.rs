@@ -63,6 +63,16 @@ enum Command {
     Mine(mine::MineArgs),
     /// Shrink a collapsing sequential or batch test to a minimal list of edits that still collapses (ddmin).
     Shrink(shrink::ShrinkArgs),
+    /// Perplexity against edits of kept-edit suites, from their accepted snapshots: a table and an SVG (one panel
+    /// per suite, one line per method).
+    Plot {
+        /// Suite names (sequential or batch-sequential), comma-separated; one panel each.
+        #[arg(long, value_delimiter = ',', required = true)]
+        suites: Vec<String>,
+        /// The SVG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Score downstream tasks on a model, each next to its random-guess floor.
     Eval {
         /// Model id (default: the registry's default model).
@@ -261,6 +271,23 @@ fn main() -> Result<()> {
             let id = model_or_default(args.model_id());
             let model = load(&registry, &id)?;
             mine::run(args, &registry, cli.data_dir.clone(), model)?;
+        }
+        Command::Plot { suites, out } => {
+            let mut context = editguard::harness::HarnessContext::from_env()?;
+            context.data_dir = cli.data_dir.clone();
+            let curves = editguard::harness::curves::curves(&context, &suites)?;
+            let first = curves.first().context("the suites have no edit tests")?;
+            let suite = context.suites.iter().find(|s| s.name == first.suite).context("suite")?;
+            let thresholds =
+                editguard::harness::thresholds::resolve(&context.registry, &first.model, &suite.thresholds)?;
+            let (bound, _) = editguard::harness::verdict::collapse_bound(&thresholds, first.points[0].1);
+            println!("{:<28} {:<10} {:>6} {:>12}  outcome", "suite", "method", "edits", "last ppl");
+            for curve in &curves {
+                let (edits, ppl) = curve.points.last().copied().unwrap_or((0, f64::NAN));
+                println!("{:<28} {:<10} {edits:>6} {ppl:>12.1}  {}", curve.suite, curve.method, curve.outcome);
+            }
+            editguard::harness::curves::write_curves_svg(&curves, bound, &out)?;
+            println!("plot: {}", out.display());
         }
         Command::Shrink(args) => shrink::run(args, cli.data_dir.clone())?,
         Command::Stats { model, layers, n } => {

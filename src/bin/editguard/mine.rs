@@ -3,15 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use editguard::data::counterfact::EditDataset;
+use editguard::data::counterfact::select_ids;
 use editguard::mining::journal::Journal;
 use editguard::mining::screen::ScreenRule;
-use editguard::mining::suite::{SuiteOptions, write_suite};
-use editguard::mining::{MineOptions, Selection, mine, report};
+use editguard::mining::suite::{SuiteOptions, collapses, write_suite};
+use editguard::mining::{MineOptions, Selection, measure_other_methods, mine, report};
 use editguard::registry::Registry;
 
 /// Arguments of `editguard mine`.
@@ -41,12 +42,16 @@ pub struct MineArgs {
     /// The suite file to write with the collapses (e.g. cases/hardcf-<model>.toml).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Methods the written suite runs (default: the mining method).
+    /// Further methods the written suite runs; each edits every collapse once when the suite is written, and its
+    /// measured outcome becomes the expectation.
     #[arg(long, value_delimiter = ',')]
     suite_methods: Vec<String>,
     /// Tier of the written suite.
     #[arg(long, default_value = "heavy")]
     tier: String,
+    /// How many cases (the first collapses in mining order) run in the default tier when --tier is heavy.
+    #[arg(long, default_value_t = 0)]
+    default_cases: usize,
     /// The journal (default: mining/<out stem>.jsonl, or mining/<model>-<method>-<dataset>.jsonl).
     #[arg(long)]
     journal: Option<PathBuf>,
@@ -155,19 +160,39 @@ pub fn run(
         println!("plot        {}", plot.display());
     }
     if let Some(out) = &args.out {
+        if result.counts.collapses == 0 {
+            println!("suite       not written: the mine found no collapse");
+            return Ok(());
+        }
         let records = editguard::mining::selected_records(&options)?;
+        let others: Vec<String> = args.suite_methods.iter().filter(|m| **m != args.method).cloned().collect();
+        let collapsed: Vec<String> = collapses(&result.entries).iter().map(|e| e.id.clone()).collect();
+        let requests = select_ids(&records, &collapsed, &args.dataset)?;
+        let measured = measure_other_methods(
+            registry,
+            &mut model,
+            &result.settings,
+            &requests,
+            &others,
+            data_dir.as_deref(),
+            &mut |o| match &o.measured {
+                Ok(m) => eprintln!(
+                    "{} on {}: ppl {:.1} ({:.2}x), ‖ΔW‖/‖W‖ {:.3}, efficacy {:.0}",
+                    o.method, o.id, m.ppl, m.ratio, m.relative_norm, m.efficacy
+                ),
+                Err(e) => eprintln!("{} on {}: failed: {e}", o.method, o.id),
+            },
+        )?;
         let mut methods = vec![args.method.clone()];
-        methods.extend(args.suite_methods.iter().filter(|m| **m != args.method).cloned());
+        methods.extend(others);
         let suite_options = SuiteOptions {
             methods,
             tier: args.tier.clone(),
+            default_cases: args.default_cases,
             command: format!("editguard {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
         };
-        match write_suite(out, registry, &result.settings, &result.entries, &records, &suite_options) {
-            Ok(n) => println!("suite       {} ({n} cases)", out.display()),
-            Err(e) if result.counts.collapses == 0 => println!("suite       not written: {e}"),
-            Err(e) => bail!(e),
-        }
+        let n = write_suite(out, registry, &result.settings, &result.entries, &records, &measured, &suite_options)?;
+        println!("suite       {} ({n} cases)", out.display());
     }
     Ok(())
 }

@@ -62,16 +62,7 @@ pub fn run(args: ShrinkArgs, data_dir: Option<PathBuf>) -> Result<()> {
     let target = target(&args, &context)?;
     let report = shrink(&context, &target, &mut |line| eprintln!("{line}"))
         .with_context(|| format!("shrinking {}", target.test_name()))?;
-    println!(
-        "{}: collapsed at edit {} of {}; minimal reproducer: {} edits (ppl {:.1}, {:.2}× baseline {:.2})",
-        report.test,
-        report.collapsed_at,
-        report.original_edits,
-        report.minimal.len(),
-        report.minimal_ppl,
-        report.minimal_ppl / report.baseline_ppl,
-        report.baseline_ppl
-    );
+    println!("{}: {}", report.test, report.headline());
     for request in &report.minimal {
         println!("  [{}] \"{}\" → \"{}\"", request.id, request.prompt_text(), request.target_new);
     }
