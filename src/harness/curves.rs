@@ -104,7 +104,7 @@ pub fn write_curves_svg(curves: &[Curve], bound: f64, path: &Path) -> Result<()>
         let areas = root.split_evenly((1, panels.len()));
         for (area, panel) in areas.iter().zip(&panels) {
             let mut chart = ChartBuilder::on(area)
-                .caption(panel.to_string(), ("sans-serif", 18))
+                .caption(*panel, ("sans-serif", 18))
                 .margin(14)
                 .x_label_area_size(40)
                 .y_label_area_size(56)
