@@ -13,7 +13,7 @@ use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, linear};
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
-use super::{Architecture, CausalLm, ModelDims};
+use super::{Architecture, CausalLm, MlpProjection, ModelDims};
 use crate::error::{Error, Result};
 
 /// The registry row.
@@ -184,18 +184,30 @@ impl CausalLm for Gpt2 {
         let part = |i: usize| qkv.narrow(D::Minus1, i * width, width);
         let context = attention(index, &part(0)?, &part(1)?, &part(2)?, packing, shape, None, path, kv)?;
         let h = (h + linear(&context, &b.attn_proj.0, Some(&b.attn_proj.1), path)?)?;
-        let x = b.ln_2.forward(&h, path)?;
-        let key = hooks.visit(index, HookPoint::MlpKey, linear(&x, &b.fc.0, Some(&b.fc.1), path)?.gelu()?, packing)?;
+        let x = hooks.visit(index, HookPoint::MlpInput, b.ln_2.forward(&h, path)?, packing)?;
+        let up = hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.fc.0, Some(&b.fc.1), path)?, packing)?;
+        let key = hooks.visit(index, HookPoint::MlpKey, up.gelu()?, packing)?;
         let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.proj.0, Some(&b.proj.1), path)?, packing)?;
         hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
     }
 
-    fn mlp_down(&self, layer: usize) -> Option<&Tensor> {
-        self.blocks.get(layer).map(|b| &b.proj.0)
+    fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor> {
+        let b = self.blocks.get(layer)?;
+        match projection {
+            MlpProjection::Gate => None,
+            MlpProjection::Up => Some(b.fc.0.clone()),
+            MlpProjection::Down => Some(b.proj.0.clone()),
+        }
     }
 
-    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor> {
-        self.blocks.get_mut(layer).map(|b| &mut b.proj.0)
+    fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor> {
+        let b = self.blocks.get_mut(layer)?;
+        let slot = match projection {
+            MlpProjection::Gate => return None,
+            MlpProjection::Up => &mut b.fc.0,
+            MlpProjection::Down => &mut b.proj.0,
+        };
+        Some(std::mem::replace(slot, value))
     }
 
     fn token_embedding(&self) -> &Tensor {

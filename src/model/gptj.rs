@@ -12,7 +12,7 @@ use super::layers::{AttentionShape, LayerNormWeights, Path, Rotary, RotaryLayout
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
-use super::{Architecture, CausalLm, ModelDims};
+use super::{Architecture, CausalLm, MlpProjection, ModelDims};
 use crate::error::{Error, Result};
 
 /// The registry row.
@@ -163,19 +163,32 @@ impl CausalLm for Gptj {
         let part = |i: usize| qkv.narrow(1, i * width, width);
         let context = attention(index, &part(0)?, &part(1)?, &part(2)?, packing, shape, Some(&self.rotary), path, kv)?;
         let attention = linear(&context, &b.out, None, path)?;
-        let key = linear(&x, &b.fc_in.0, Some(&b.fc_in.1), path)?.gelu()?;
-        let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
+        let mlp_input = hooks.visit(index, HookPoint::MlpInput, x, packing)?;
+        let up = linear(&mlp_input, &b.fc_in.0, Some(&b.fc_in.1), path)?;
+        let up = hooks.visit(index, HookPoint::MlpPreActivation, up, packing)?;
+        let key = hooks.visit(index, HookPoint::MlpKey, up.gelu()?, packing)?;
         let mlp =
             hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.fc_out.0, Some(&b.fc_out.1), path)?, packing)?;
         hooks.visit(index, HookPoint::BlockOutput, ((h + attention)? + mlp)?, packing)
     }
 
-    fn mlp_down(&self, layer: usize) -> Option<&Tensor> {
-        self.blocks.get(layer).map(|b| &b.fc_out.0)
+    fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor> {
+        let b = self.blocks.get(layer)?;
+        match projection {
+            MlpProjection::Gate => None,
+            MlpProjection::Up => Some(b.fc_in.0.clone()),
+            MlpProjection::Down => Some(b.fc_out.0.clone()),
+        }
     }
 
-    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor> {
-        self.blocks.get_mut(layer).map(|b| &mut b.fc_out.0)
+    fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor> {
+        let b = self.blocks.get_mut(layer)?;
+        let slot = match projection {
+            MlpProjection::Gate => return None,
+            MlpProjection::Up => &mut b.fc_in.0,
+            MlpProjection::Down => &mut b.fc_out.0,
+        };
+        Some(std::mem::replace(slot, value))
     }
 
     fn token_embedding(&self) -> &Tensor {

@@ -1,9 +1,10 @@
 //! Hook points of the forward pass, and the hooks editing methods attach to them.
 //!
-//! Every architecture calls [`Hook::visit`] at the same three places of each layer: the input of the MLP
-//! down-projection ([`HookPoint::MlpKey`], ROME's key and the knowledge neurons' activations), the MLP output before
-//! it joins the residual stream ([`HookPoint::MlpOutput`], where ROME adds its vector) and the residual stream after
-//! the layer ([`HookPoint::BlockOutput`], where MEMIT optimises). A hook sees the packed activation `(tokens, width)`
+//! Every architecture calls [`Hook::visit`] at the same five places of each layer: the input of the MLP
+//! ([`HookPoint::MlpInput`]) and the output of its first linear map(s) ([`HookPoint::MlpPreActivation`]), where MEND
+//! reads its factors; the input of the MLP down-projection ([`HookPoint::MlpKey`], ROME's key and the knowledge
+//! neurons' activations), the MLP output before it joins the residual stream ([`HookPoint::MlpOutput`], where ROME
+//! adds its vector) and the residual stream after the layer ([`HookPoint::BlockOutput`], where MEMIT optimises). A hook sees the packed activation `(tokens, width)`
 //! with its [`Packing`] (which maps `(sequence, position)` sites to rows) and returns the tensor the network continues
 //! with, so one small trait serves capture, addition and replacement, in the fast and the differentiable path alike.
 
@@ -17,6 +18,11 @@ use crate::error::Result;
 /// A place in a layer where hooks are called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HookPoint {
+    /// Input of the MLP's first linear map(s) (the normalised residual stream), packed `(tokens, hidden)`.
+    MlpInput,
+    /// Output of the MLP's first linear map(s) before the activation, packed `(tokens, intermediate)` — for a gated
+    /// MLP `(tokens, 2 · intermediate)`, gate columns first, then up.
+    MlpPreActivation,
     /// Input of the MLP down-projection, packed `(tokens, intermediate)`.
     MlpKey,
     /// MLP output before the residual addition, packed `(tokens, hidden)`.

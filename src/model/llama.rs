@@ -14,7 +14,7 @@ use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, linear, rms_norm
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
-use super::{Architecture, CausalLm, ModelDims};
+use super::{Architecture, CausalLm, MlpProjection, ModelDims};
 use crate::error::{Error, Result};
 
 /// The registry row.
@@ -275,7 +275,8 @@ impl CausalLm for Llama {
         );
         let context = attention(index, &q, &k, &v, packing, shape, Some(&self.rotary), path, kv)?;
         let h = (h + linear(&context, &b.o, None, path)?)?;
-        let gate_up = linear(&rms_norm(&h, &b.post_norm, eps, path)?, &b.gate_up, None, path)?;
+        let x = hooks.visit(index, HookPoint::MlpInput, rms_norm(&h, &b.post_norm, eps, path)?, packing)?;
+        let gate_up = hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.gate_up, None, path)?, packing)?;
         let width = c.intermediate_size;
         let key = match path {
             Path::Fast => super::fast_exp::silu_mul_fast(&gate_up, width)?,
@@ -290,12 +291,30 @@ impl CausalLm for Llama {
         hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
     }
 
-    fn mlp_down(&self, layer: usize) -> Option<&Tensor> {
-        self.blocks.get(layer).map(|b| &b.down)
+    fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor> {
+        let b = self.blocks.get(layer)?;
+        let width = self.config.intermediate_size;
+        match projection {
+            MlpProjection::Gate => b.gate_up.narrow(0, 0, width).ok(),
+            MlpProjection::Up => b.gate_up.narrow(0, width, width).ok(),
+            MlpProjection::Down => Some(b.down.clone()),
+        }
     }
 
-    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor> {
-        self.blocks.get_mut(layer).map(|b| &mut b.down)
+    fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor> {
+        let width = self.config.intermediate_size;
+        let previous = self.mlp_weight(projection, layer)?;
+        let b = self.blocks.get_mut(layer)?;
+        // Gate and up are rows of one stacked matrix: the other half is kept as it is.
+        b.gate_up = match projection {
+            MlpProjection::Gate => Tensor::cat(&[&value, &b.gate_up.narrow(0, width, width).ok()?], 0).ok()?,
+            MlpProjection::Up => Tensor::cat(&[&b.gate_up.narrow(0, 0, width).ok()?, &value], 0).ok()?,
+            MlpProjection::Down => {
+                b.down = value;
+                return Some(previous);
+            }
+        };
+        Some(previous)
     }
 
     fn token_embedding(&self) -> &Tensor {

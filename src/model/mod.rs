@@ -62,13 +62,42 @@ pub enum WeightId {
     /// The MLP down-projection of a layer (`mlp.down_proj`, GPT-2 `mlp.c_proj`, GPT-J `mlp.fc_out`),
     /// shape `(hidden, intermediate)`.
     MlpDown(usize),
+    /// The MLP gate projection of a gated MLP (Llama `mlp.gate_proj`), shape `(intermediate, hidden)`.
+    MlpGate(usize),
+    /// The MLP up-projection (Llama `mlp.up_proj`, GPT-2 `mlp.c_fc`, GPT-J `mlp.fc_in`), `(intermediate, hidden)`.
+    MlpUp(usize),
     /// The token embedding matrix `(vocab, hidden)` (read-only).
     TokenEmbedding,
 }
 
+/// One of the linear maps of an MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MlpProjection {
+    /// The gate of a gated MLP (absent in GPT-2 and GPT-J).
+    Gate,
+    /// The up-projection (the first linear map of a plain MLP).
+    Up,
+    /// The down-projection.
+    Down,
+}
+
 impl WeightId {
+    /// The MLP projection and layer this id names, if it names one.
+    pub fn mlp(self) -> Option<(MlpProjection, usize)> {
+        match self {
+            WeightId::MlpGate(l) => Some((MlpProjection::Gate, l)),
+            WeightId::MlpUp(l) => Some((MlpProjection::Up, l)),
+            WeightId::MlpDown(l) => Some((MlpProjection::Down, l)),
+            WeightId::TokenEmbedding => None,
+        }
+    }
+
     fn out_of_range(self) -> Error {
-        Error::invalid("(model)", format!("{self:?}"), "layer index out of range")
+        Error::invalid(
+            "(model)",
+            format!("{self:?}"),
+            "no such weight: layer index out of range, or no such projection",
+        )
     }
 
     fn read_only(self) -> Error {
@@ -104,10 +133,10 @@ pub trait CausalLm: Send + Sync {
         path: Path,
         kv: KvMode,
     ) -> Result<Tensor>;
-    /// The MLP down-projection of a layer, `(hidden, intermediate)`.
-    fn mlp_down(&self, layer: usize) -> Option<&Tensor>;
-    /// The same, for replacement.
-    fn mlp_down_mut(&mut self, layer: usize) -> Option<&mut Tensor>;
+    /// An MLP projection of a layer in `(out, in)` orientation (None: out of range, or no such projection).
+    fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor>;
+    /// Replaces an MLP projection (same shape, checked by the caller), returning the previous value.
+    fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor>;
     /// The token embedding matrix `(vocab, hidden)`.
     fn token_embedding(&self) -> &Tensor;
 
@@ -132,22 +161,18 @@ pub trait CausalLm: Send + Sync {
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
     /// The current value of a weight.
     fn weight(&self, id: WeightId) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => self.mlp_down(layer).cloned().ok_or(id.out_of_range()),
-            WeightId::TokenEmbedding => Ok(self.token_embedding().clone()),
+        match id.mlp() {
+            Some((projection, layer)) => self.mlp_weight(projection, layer).ok_or(id.out_of_range()),
+            None => Ok(self.token_embedding().clone()),
         }
     }
 
     /// Replaces a weight (same shape), returning the previous tensor.
     fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
-        match id {
-            WeightId::MlpDown(layer) => {
-                let slot = self.mlp_down_mut(layer).ok_or(id.out_of_range())?;
-                check_same_shape(slot, &value, id)?;
-                Ok(std::mem::replace(slot, value))
-            }
-            WeightId::TokenEmbedding => Err(id.read_only()),
-        }
+        let Some((projection, layer)) = id.mlp() else { return Err(id.read_only()) };
+        let current = self.mlp_weight(projection, layer).ok_or(id.out_of_range())?;
+        check_same_shape(&current, &value, id)?;
+        self.replace_mlp_weight(projection, layer, value).ok_or(id.out_of_range())
     }
 }
 

@@ -86,6 +86,64 @@ fn check_architecture(arch: &str, weights_file: &str) {
     assert_eq!(max_abs_diff(&restored, &logits), 0.0, "{arch}: logits after restore must equal the originals");
 
     check_ragged_batch(arch, &model, &rows, &golden["logits"]);
+    check_mlp_projections(arch, &mut model, &ids, &logits, batch, tokens);
+}
+
+/// The MLP's input and pre-activation hook points hold what the MLP computes from them (input · Wᵀ + b is the
+/// pre-activation, its activation the key), and every MLP projection can be overridden and restored bit for bit.
+fn check_mlp_projections(
+    arch: &str,
+    model: &mut LoadedModel,
+    ids: &editguard::model::PackedBatch,
+    logits: &Tensor,
+    batch: usize,
+    tokens: usize,
+) {
+    let layer = 1;
+    let sites = all_sites(batch, tokens);
+    let input = Capture::new(layer, HookPoint::MlpInput, sites.clone());
+    let pre = Capture::new(layer, HookPoint::MlpPreActivation, sites.clone());
+    let key = Capture::new(layer, HookPoint::MlpKey, sites);
+    let hooks = HookSet::new().with(&input).with(&pre).with(&key);
+    model.all_logits(ids, &hooks, Path::Fast).unwrap();
+    let (input, pre, key) = (input.take().unwrap(), pre.take().unwrap(), key.take().unwrap());
+    let width = model.dims().intermediate;
+    let gated = arch == "llama";
+    let up = model.network.weight(WeightId::MlpUp(layer)).unwrap();
+    let up_out = if gated { pre.narrow(1, width, width).unwrap() } else { pre.clone() };
+    let bias = (&up_out - input.matmul(&up.t().unwrap()).unwrap()).unwrap();
+    if gated {
+        // Llama's projections have no bias: the product alone is the pre-activation.
+        assert!(max_abs_diff(&bias, &bias.zeros_like().unwrap()) < 1e-4, "{arch}: MlpInput · Wupᵀ ≠ up output");
+        let gate = model.network.weight(WeightId::MlpGate(layer)).unwrap();
+        let gate_out = input.matmul(&gate.t().unwrap()).unwrap();
+        assert_close(&format!("{arch} gate output"), &pre.narrow(1, 0, width).unwrap(), &gate_out);
+        let silu = (&gate_out * candle_nn::ops::sigmoid(&gate_out).unwrap()).unwrap();
+        assert_close(&format!("{arch} key = silu(gate) · up"), &key, &(silu * up_out).unwrap());
+    } else {
+        // Every row has the same bias.
+        let first = bias.narrow(0, 0, 1).unwrap().broadcast_as(bias.shape()).unwrap().contiguous().unwrap();
+        assert!(max_abs_diff(&bias, &first) < 1e-4, "{arch}: MlpInput · Wupᵀ + b ≠ pre-activation");
+        assert_close(&format!("{arch} key = gelu(pre-activation)"), &key, &pre.gelu().unwrap());
+    }
+    assert!(model.network.weight(WeightId::MlpGate(layer)).is_ok() == gated, "{arch}: a gate only where gated");
+    let mut projections = vec![WeightId::MlpUp(layer), WeightId::MlpDown(layer)];
+    if gated {
+        projections.push(WeightId::MlpGate(layer));
+    }
+    for id in projections {
+        let before = model.network.weight(id).unwrap();
+        let delta = before.randn_like(0.0, 0.5).unwrap();
+        let backup = model.apply_delta(id, &delta).unwrap();
+        let edited = unpack(&model.all_logits(ids, &NoHooks, Path::Fast).unwrap(), batch, tokens);
+        assert!(max_abs_diff(&edited, logits) > 1e-3, "{arch} {id:?}: an override must change the logits");
+        let changed = model.network.weight(id).unwrap();
+        assert_close(&format!("{arch} {id:?} = W + ΔW"), &changed, &(&before + &delta).unwrap());
+        model.restore(backup).unwrap();
+        assert_eq!(max_abs_diff(&before, &model.network.weight(id).unwrap()), 0.0, "{arch} {id:?}: exact restore");
+        let restored = unpack(&model.all_logits(ids, &NoHooks, Path::Fast).unwrap(), batch, tokens);
+        assert_eq!(max_abs_diff(&restored, logits), 0.0, "{arch} {id:?}: logits after restore");
+    }
 }
 
 /// Sequences of different lengths in one packed batch: each keeps the logits it has alone (causal prefixes of the
