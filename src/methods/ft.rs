@@ -178,7 +178,7 @@ impl FineTune {
             }
             Ok(())
         })();
-        model.network.set_weight(id, previous)?;
+        model.network.restore_weight(id, previous)?;
         result?;
         Ok((weight.as_tensor().detach() - &original)?)
     }

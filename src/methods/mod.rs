@@ -10,6 +10,7 @@ pub mod ft;
 pub mod kn;
 pub mod linalg;
 pub mod memit;
+pub mod mend;
 pub mod request;
 pub mod rome;
 pub mod screen;
@@ -153,7 +154,7 @@ pub struct MethodEntry {
 }
 
 /// The method table: adding a method is one file plus one row here (and its hyper-parameters in models.toml).
-pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT, ft::FT_L_INF, ft::FT, kn::KN];
+pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT, ft::FT_L_INF, ft::FT, kn::KN, mend::MEND];
 
 /// Looks a method up by name.
 pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {

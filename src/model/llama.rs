@@ -301,20 +301,26 @@ impl CausalLm for Llama {
         }
     }
 
+    /// Gate and up are rows of one stacked matrix: replacing one builds a new stack with the other half as it is,
+    /// and what is returned for the undo is the whole previous stack.
     fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor> {
         let width = self.config.intermediate_size;
-        let previous = self.mlp_weight(projection, layer)?;
         let b = self.blocks.get_mut(layer)?;
-        // Gate and up are rows of one stacked matrix: the other half is kept as it is.
-        b.gate_up = match projection {
+        let stacked = match projection {
             MlpProjection::Gate => Tensor::cat(&[&value, &b.gate_up.narrow(0, width, width).ok()?], 0).ok()?,
             MlpProjection::Up => Tensor::cat(&[&b.gate_up.narrow(0, 0, width).ok()?, &value], 0).ok()?,
-            MlpProjection::Down => {
-                b.down = value;
-                return Some(previous);
-            }
+            MlpProjection::Down => return Some(std::mem::replace(&mut b.down, value)),
         };
-        Some(previous)
+        Some(std::mem::replace(&mut b.gate_up, stacked))
+    }
+
+    fn restore_mlp_weight(&mut self, projection: MlpProjection, layer: usize, saved: Tensor) -> Option<()> {
+        let b = self.blocks.get_mut(layer)?;
+        match projection {
+            MlpProjection::Gate | MlpProjection::Up => b.gate_up = saved,
+            MlpProjection::Down => b.down = saved,
+        }
+        Some(())
     }
 
     fn token_embedding(&self) -> &Tensor {

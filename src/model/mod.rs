@@ -135,8 +135,14 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<Tensor>;
     /// An MLP projection of a layer in `(out, in)` orientation (None: out of range, or no such projection).
     fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor>;
-    /// Replaces an MLP projection (same shape, checked by the caller), returning the previous value.
+    /// Replaces an MLP projection (same shape, checked by the caller), returning what
+    /// [`restore_mlp_weight`](Self::restore_mlp_weight) needs to undo it.
     fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor>;
+    /// Undoes [`replace_mlp_weight`](Self::replace_mlp_weight) with what it returned, bit for bit. Undoing several
+    /// replacements in reverse order gives back the very tensors there were before (no copies, no autograd history).
+    fn restore_mlp_weight(&mut self, projection: MlpProjection, layer: usize, saved: Tensor) -> Option<()> {
+        self.replace_mlp_weight(projection, layer, saved).map(|_| ())
+    }
     /// The token embedding matrix `(vocab, hidden)`.
     fn token_embedding(&self) -> &Tensor;
 
@@ -167,12 +173,18 @@ pub trait CausalLm: Send + Sync {
         }
     }
 
-    /// Replaces a weight (same shape), returning the previous tensor.
+    /// Replaces a weight (same shape), returning what [`restore_weight`](Self::restore_weight) needs to undo it.
     fn set_weight(&mut self, id: WeightId, value: Tensor) -> Result<Tensor> {
         let Some((projection, layer)) = id.mlp() else { return Err(id.read_only()) };
         let current = self.mlp_weight(projection, layer).ok_or(id.out_of_range())?;
         check_same_shape(&current, &value, id)?;
         self.replace_mlp_weight(projection, layer, value).ok_or(id.out_of_range())
+    }
+
+    /// Undoes [`set_weight`](Self::set_weight) with what it returned.
+    fn restore_weight(&mut self, id: WeightId, saved: Tensor) -> Result<()> {
+        let Some((projection, layer)) = id.mlp() else { return Err(id.read_only()) };
+        self.restore_mlp_weight(projection, layer, saved).ok_or(id.out_of_range())
     }
 }
 
@@ -414,7 +426,7 @@ impl LoadedModel {
 
     /// Puts back the weight a backup was taken from.
     pub fn restore(&mut self, backup: WeightBackup) -> Result<()> {
-        self.network.set_weight(backup.id, backup.original)?;
+        self.network.restore_weight(backup.id, backup.original)?;
         self.overrides = self.overrides.saturating_sub(1);
         Ok(())
     }

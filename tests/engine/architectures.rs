@@ -131,6 +131,24 @@ fn check_mlp_projections(
     if gated {
         projections.push(WeightId::MlpGate(layer));
     }
+    // Overrides that carry autograd history (MEND's training installs them), undone in reverse order, must leave the
+    // very weights there were: bit for bit and without the history (which would grow every later pass).
+    let originals: Vec<Tensor> = projections.iter().map(|&id| model.network.weight(id).unwrap()).collect();
+    let mut backups = Vec::new();
+    for &id in &projections {
+        let weight = model.network.weight(id).unwrap();
+        let var = candle_core::Var::zeros(weight.shape(), weight.dtype(), weight.device()).unwrap();
+        backups.push(model.apply_delta(id, var.as_tensor()).unwrap());
+        assert!(model.network.weight(id).unwrap().track_op(), "{arch} {id:?}: the override carries its history");
+    }
+    while let Some(backup) = backups.pop() {
+        model.restore(backup).unwrap();
+    }
+    for (&id, original) in projections.iter().zip(&originals) {
+        let restored = model.network.weight(id).unwrap();
+        assert!(!restored.track_op(), "{arch} {id:?}: restored weight still carries autograd history");
+        assert_eq!(max_abs_diff(original, &restored), 0.0, "{arch} {id:?}: exact restore after tracked overrides");
+    }
     for id in projections {
         let before = model.network.weight(id).unwrap();
         let delta = before.randn_like(0.0, 0.5).unwrap();

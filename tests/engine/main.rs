@@ -5,6 +5,7 @@ mod architectures;
 mod cli;
 mod gradients;
 mod harness;
+mod mend;
 mod methods;
 mod mining;
 mod reference;

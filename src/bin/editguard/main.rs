@@ -73,6 +73,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train (or read from the cache) a trained editor: `editguard train mend`.
+    Train {
+        /// The method to train (`mend`).
+        method: String,
+        /// Model id (default: the registry's default model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Write the learning curve here (SVG).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Score downstream tasks on a model, each next to its random-guess floor.
     Eval {
         /// Model id (default: the registry's default model).
@@ -288,6 +299,81 @@ fn main() -> Result<()> {
             }
             editguard::harness::curves::write_curves_svg(&curves, bound, &out)?;
             println!("plot: {}", out.display());
+        }
+        Command::Train { method, model, plot } => {
+            if method != "mend" {
+                anyhow::bail!("`{method}` has nothing to train; trained methods: mend");
+            }
+            let id = model_or_default(model);
+            let mut model = load(&registry, &id)?;
+            let origin = format!("{}: models.{id}.methods.mend", registry.origin);
+            let table = registry
+                .get(&id)?
+                .methods
+                .get("mend")
+                .cloned()
+                .with_context(|| format!("no [models.{id}.methods.mend] table in {}", registry.origin))?;
+            let params: editguard::methods::mend::MendParams = editguard::methods::parse_params(&table, &origin)?;
+            let weights = params.weights(&origin)?;
+            let env = editguard::methods::EditEnv { data_dir: cli.data_dir.clone() };
+            let bar = ProgressBar::new(params.max_iters as u64).with_style(
+                ProgressStyle::with_template("training {bar:30} {pos}/{len} edits ({per_sec}, eta {eta}) {msg}")
+                    .expect("valid template"),
+            );
+            let result = editguard::methods::mend::store::load_or_train(
+                &mut model,
+                &params,
+                &weights,
+                &origin,
+                &env,
+                &mut |p| {
+                    bar.set_position(p.step as u64);
+                    let val = p
+                        .last
+                        .as_ref()
+                        .map(|v| {
+                            format!(" · val edit {:.3} loc {:.4} eff {:.2}", v.val_edit, v.val_loc, v.val_efficacy)
+                        })
+                        .unwrap_or_default();
+                    bar.set_message(format!("L_edit {:.3} L_loc {:.4}{val}", p.train_edit, p.train_loc));
+                },
+            );
+            bar.finish_and_clear();
+            let (_, report, provenance) = result?;
+            println!("editor        {id} · {} weights · {provenance:?}", weights.len());
+            println!(
+                "training      {} steps ({} optimiser steps, {} skipped as non-finite) in {:.0} s{}",
+                report.steps,
+                report.optimizer_steps,
+                report.skipped_non_finite,
+                report.seconds,
+                if report.stopped_early { ", stopped early" } else { "" }
+            );
+            println!(
+                "best          step {} (val cedit·L_edit + cloc·L_loc = {:.4})",
+                report.best_step, report.best_val
+            );
+            println!(
+                "{:>8} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10}",
+                "step", "train_edit", "train_loc", "val_edit", "val_loc", "accuracy", "efficacy", "mean α"
+            );
+            for p in &report.curve {
+                println!(
+                    "{:>8} {:>10.4} {:>10.5} {:>10.4} {:>10.5} {:>9.3} {:>9.3} {:>10.2e}",
+                    p.step,
+                    p.train_edit,
+                    p.train_loc,
+                    p.val_edit,
+                    p.val_loc,
+                    p.val_accuracy,
+                    p.val_efficacy,
+                    p.mean_edit_lr
+                );
+            }
+            if let Some(plot) = plot {
+                editguard::methods::mend::curve::write_curve_svg(&id, &report, &plot)?;
+                println!("plot          {}", plot.display());
+            }
         }
         Command::Shrink(args) => shrink::run(args, cli.data_dir.clone())?,
         Command::Stats { model, layers, n } => {

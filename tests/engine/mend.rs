@@ -1,0 +1,180 @@
+//! MEND on the tiny models: the captured factors are the weight gradient, a training step lowers the loss on a fixed
+//! example, and the editor cache keys, writes and refuses files as it should.
+
+use candle_core::{D, DType, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use editguard::methods::mend::editor::Editor;
+use editguard::methods::mend::factors::{factors_of, mean_nll, target_batch};
+use editguard::methods::mend::train::{Example, TrainingReport, edit_step};
+use editguard::methods::mend::{EditLossPrompt, MendParams, store};
+use editguard::methods::{EditRequest, LocalityProbe};
+use editguard::model::{LoadedModel, NoHooks, Path, WeightId};
+
+use crate::support::fixture_model;
+
+fn pairs() -> Vec<(String, String)> {
+    vec![("<t5> <t17> <t42> <t3>".into(), "<t9> <t11>".into()), ("<t8> <t1> <t60>".into(), "<t70>".into())]
+}
+
+/// The true gradient of the mean target NLL with respect to `id`, by making the weight a variable.
+fn true_gradient(model: &mut LoadedModel, id: WeightId) -> Tensor {
+    let targets = target_batch(model, &pairs()).unwrap();
+    let weight = Var::from_tensor(&model.network.weight(id).unwrap()).unwrap();
+    let saved = model.network.set_weight(id, weight.as_tensor().clone()).unwrap();
+    let hidden = model.run_layers(
+        model.embed(&targets.batch).unwrap(),
+        &targets.batch,
+        0..model.dims().layers,
+        &NoHooks,
+        Path::Differentiable,
+    );
+    let loss = mean_nll(
+        &model.logits_at(&hidden.unwrap(), &targets.batch.packing, &targets.sites, Path::Differentiable).unwrap(),
+        &targets.labels,
+    )
+    .unwrap();
+    let grad = loss.backward().unwrap().get(weight.as_tensor()).unwrap().clone();
+    model.network.restore_weight(id, saved).unwrap();
+    grad
+}
+
+fn check_factors(arch: &str, weights: &[WeightId]) {
+    let mut model = fixture_model(arch, "model.safetensors", DType::F32);
+    let targets = target_batch(&model, &pairs()).unwrap();
+    let factors = factors_of(&model, &targets, weights).unwrap();
+    for (i, &id) in weights.iter().enumerate() {
+        let from_factors = factors.grads[i].t().unwrap().matmul(&factors.inputs[i]).unwrap();
+        let truth = true_gradient(&mut model, id);
+        let error = (&from_factors - &truth).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = truth.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            scale > 0.0 && error <= 1e-4 * scale,
+            "{arch} {id:?}: Σ δ uᵀ differs from ∂L/∂W by {error} (scale {scale})"
+        );
+        assert!(factors.inputs[i].dim(0).unwrap() < targets.batch.packing.rows(), "{arch} {id:?}: zero rows dropped");
+    }
+}
+
+#[test]
+fn captured_factors_are_the_weight_gradient() {
+    check_factors("llama", &[WeightId::MlpGate(1), WeightId::MlpUp(1), WeightId::MlpDown(1), WeightId::MlpDown(0)]);
+    check_factors("gpt2", &[WeightId::MlpUp(1), WeightId::MlpDown(1)]);
+    check_factors("gptj", &[WeightId::MlpUp(0), WeightId::MlpDown(1)]);
+}
+
+fn params() -> MendParams {
+    MendParams {
+        inner_params: vec![
+            "model.layers.1.mlp.gate_proj.weight".into(),
+            "model.layers.1.mlp.up_proj.weight".into(),
+            "model.layers.1.mlp.down_proj.weight".into(),
+        ],
+        edit_lr: 1e-2,
+        lr: 1e-3,
+        lr_lr: 1e-3,
+        cedit: 0.1,
+        cloc: 1.0,
+        rank: 16,
+        n_hidden: 1,
+        accumulate_bs: 1,
+        grad_clip: 100.0,
+        max_iters: 1,
+        val_interval: 1,
+        val_steps: 1,
+        early_stop_patience: 10,
+        edit_loss_on: EditLossPrompt::Rephrase,
+        val_records: 10,
+        seed: 3,
+    }
+}
+
+fn example() -> Example {
+    let mut edit = EditRequest::from_text("e", "<t5> <t17> <t42> <t3>", "<t42>", "<t9> <t11>").unwrap();
+    edit.rephrase_prompts = vec!["<t6> <t42> <t4>".into()];
+    Example { edit, loc: LocalityProbe { prompt: "<t20> <t21> <t22>".into(), answer: "<t23> <t24>".into() } }
+}
+
+fn tiny_editor(model: &LoadedModel, params: &MendParams) -> (Editor, Vec<WeightId>) {
+    let weights = params.weights("test").unwrap();
+    let shape = editguard::methods::mend::train::editor_shape(model, params, &weights).unwrap();
+    (Editor::new(&shape, &model.device).unwrap(), weights)
+}
+
+#[test]
+fn training_steps_lower_the_loss_on_a_fixed_example() {
+    let mut model = fixture_model("llama", "model.safetensors", DType::F32);
+    let params = params();
+    let (editor, weights) = tiny_editor(&model, &params);
+    let vars: Vec<Var> = editor.transform_vars().into_iter().chain([editor.edit_lrs.clone()]).collect();
+    let adam = ParamsAdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut optimizer = AdamW::new(vars, adam).unwrap();
+    let example = example();
+    let total = |l: &editguard::methods::mend::train::StepLosses| params.cedit * l.edit + params.cloc * l.loc;
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..30 {
+        let (losses, grads) = edit_step(&mut model, &editor, &weights, &example, &params, true).unwrap();
+        optimizer.step(&grads.unwrap()).unwrap();
+        first.get_or_insert(total(&losses));
+        last = total(&losses);
+        assert!(model.is_pristine(), "every step restores the weights");
+    }
+    let first = first.unwrap();
+    assert!(last < 0.7 * first, "the loss went {first} → {last}");
+    // The statistics have seen the rows of every step; the step sizes moved.
+    assert!(editor.groups[0].moments.lock().unwrap().0.count > 30);
+    let lrs = editor.edit_lrs.as_tensor().to_vec1::<f32>().unwrap();
+    assert!(lrs.iter().any(|&a| (a - 1e-2).abs() > 1e-4), "{lrs:?}");
+}
+
+#[test]
+fn the_editor_cache_round_trips_and_refuses_foreign_or_corrupt_files() {
+    let mut model = fixture_model("llama", "model.safetensors", DType::F32);
+    let params = params();
+    let (editor, weights) = tiny_editor(&model, &params);
+    // Training-mode updates set the statistics.
+    edit_step(&mut model, &editor, &weights, &example(), &params, true).unwrap();
+    let report = TrainingReport {
+        steps: 1,
+        optimizer_steps: 0,
+        skipped_non_finite: 0,
+        seconds: 0.5,
+        best_step: 1,
+        best_val: 1.0,
+        stopped_early: false,
+        curve: Vec::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("editor.safetensors");
+    store::write(&path, "key-a", &editor, &report).unwrap();
+    let (back, read_report) = store::read(&path, "key-a", &model, &params, &weights, &model.device).unwrap();
+    assert_eq!(read_report, report);
+    let (a, b) = (editor.named_tensors().unwrap(), back.named_tensors().unwrap());
+    for (name, t) in &a {
+        let diff = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap();
+        assert_eq!(diff.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), 0.0, "{name}");
+    }
+    let refused = |key: &str| store::read(&path, key, &model, &params, &weights, &model.device).err();
+    assert!(refused("key-b").unwrap().contains("another key"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() - 64;
+    for b in &mut bytes[middle..middle + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let err = refused("key-a").expect("a corrupt file is refused");
+    assert!(err.contains("hashes to"), "{err}");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(refused("key-a").is_some(), "a truncated file is refused");
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tmp"))
+        .count();
+    assert_eq!(leftovers, 0);
+    // The key covers the seed (and every other hyper-parameter).
+    let env = editguard::methods::EditEnv::default();
+    let (key, path_a) = store::key_and_path(&model, &params, &weights, &env).unwrap();
+    let other = MendParams { seed: 4, ..params.clone() };
+    let (other_key, path_b) = store::key_and_path(&model, &other, &weights, &env).unwrap();
+    assert!(key != other_key && path_a != path_b);
+}
