@@ -164,7 +164,8 @@ pub struct JournalEntry {
     pub ground_truth: Option<String>,
     /// What happened.
     pub status: EntryStatus,
-    /// The screen rule that skipped the record.
+    /// The screen behind the record: `signal < min` for a record it skipped, `kept: signal>=min` for one it let
+    /// through, `audit: signal < min` for a skipped record edited anyway; none when the record was mined unscreened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// The error, for failed records.

@@ -77,6 +77,9 @@ pub struct MineOptions {
     pub journal: PathBuf,
     /// The screen rule, if any.
     pub screen: Option<ScreenRule>,
+    /// Share of the records the screen skips that are edited anyway, to measure what the screen misses (an audit);
+    /// chosen by a hash of the record id and the seed, so the same records are audited on every run.
+    pub audit: f64,
     /// Data directory override.
     pub data_dir: Option<PathBuf>,
 }
@@ -197,6 +200,13 @@ pub fn mine(
         baseline_ppl: unedited.mean_ppl,
         thresholds: &settings.thresholds,
         screen: options.screen.as_ref(),
+        audit: Audit {
+            share: options.audit,
+            seed: match options.selection {
+                Selection::Order { seed, .. } => seed,
+                Selection::Ids(_) => 0,
+            },
+        },
     };
     for (index, request) in records.iter().enumerate() {
         let done = journal.entry(&request.id).filter(|e| e.settled() || skipped_again(e, options.screen.as_ref()));
@@ -229,6 +239,29 @@ struct RecordContext<'a> {
     baseline_ppl: f64,
     thresholds: &'a thresholds::Thresholds,
     screen: Option<&'a ScreenRule>,
+    audit: Audit,
+}
+
+/// Which skipped records are edited anyway.
+#[derive(Debug, Clone, Copy)]
+struct Audit {
+    share: f64,
+    seed: u64,
+}
+
+impl Audit {
+    /// True for a fixed pseudo-random `share` of record ids.
+    fn picks(&self, id: &str) -> bool {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("audit/{}/{id}", self.seed).as_bytes());
+        let draw = u64::from_le_bytes(digest[..8].try_into().expect("eight bytes")) as f64 / u64::MAX as f64;
+        draw < self.share
+    }
+}
+
+/// The `rule` text of an audited record: the rule that would have skipped it.
+pub fn audit_rule(rule: &ScreenRule) -> String {
+    format!("audit: {}", rule.describe())
 }
 
 /// Screens, edits, measures and restores one record.
@@ -266,11 +299,17 @@ fn mine_record(
         entry.seconds = entry.screen_seconds;
         return Ok(entry);
     }
-    if let Some(rule) = context.screen.filter(|rule| rule.skips(entry.signals.as_ref())) {
-        entry.status = EntryStatus::Skipped;
-        entry.rule = Some(rule.describe());
-        entry.seconds = entry.screen_seconds;
-        return Ok(entry);
+    if let Some(rule) = context.screen {
+        if !rule.skips(entry.signals.as_ref()) {
+            entry.rule = Some(format!("kept: {}>={}", rule.signal, rule.min));
+        } else if context.audit.picks(&request.id) {
+            entry.rule = Some(audit_rule(rule));
+        } else {
+            entry.status = EntryStatus::Skipped;
+            entry.rule = Some(rule.describe());
+            entry.seconds = entry.screen_seconds;
+            return Ok(entry);
+        }
     }
     match edit_once(
         model,

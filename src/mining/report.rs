@@ -18,7 +18,7 @@ use crate::metrics::rank_correlation::average_ranks;
 use crate::plotting::{COLOURS, draw_legend, write_svg};
 
 use super::journal::{EntryStatus, JournalEntry, MineSettings};
-use super::screen::{ScreenRule, calibrate, evaluate};
+use super::screen::{ScreenRule, calibrate, evaluate, unscreened};
 
 /// Wilson's 95% interval of a proportion.
 pub fn wilson_interval(successes: usize, trials: usize) -> (f64, f64) {
@@ -67,10 +67,14 @@ fn rate(collapses: usize, n: usize) -> String {
 /// The text summary of a journal's entries; `rule` is the screen rule to evaluate, if any.
 pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&ScreenRule>) -> String {
     let mut out = String::new();
-    let edited: Vec<&JournalEntry> = entries.iter().filter(|e| e.status == EntryStatus::Edited).collect();
+    let all_edited: Vec<&JournalEntry> = entries.iter().filter(|e| e.status == EntryStatus::Edited).collect();
     let measured = |e: &&JournalEntry| e.measured.clone().expect("edited entries are measured");
     let collapsed = |e: &&JournalEntry| measured(e).collapsed;
-    let collapses = edited.iter().filter(|e| collapsed(e)).count();
+    let with_rule =
+        |prefix: &str| all_edited.iter().filter(|e| e.rule.as_deref().is_some_and(|r| r.starts_with(prefix))).count();
+    // Rates, distributions and features are measured on the records edited without a screen: a random sample.
+    let random_sample: Vec<&JournalEntry> = all_edited.iter().copied().filter(|e| e.rule.is_none()).collect();
+    let edited: Vec<&JournalEntry> = if random_sample.is_empty() { all_edited.clone() } else { random_sample };
     let count = |status| entries.iter().filter(|e| e.status == status).count();
     let bound = (settings.thresholds.collapse_ratio * settings.baseline_ppl).min(settings.thresholds.collapse_ppl);
     let _ = writeln!(
@@ -86,22 +90,28 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
     );
     let _ = writeln!(
         out,
-        "records     {}: edited {}, skipped by the screen {}, failed {}",
+        "records     {}: edited {} (unscreened {}, kept by the screen {}, audited {}), skipped by the screen {}, failed {}",
         entries.len(),
-        edited.len(),
+        all_edited.len(),
+        all_edited.len() - with_rule("kept:") - with_rule("audit:"),
+        with_rule("kept:"),
+        with_rule("audit:"),
         count(EntryStatus::Skipped),
         count(EntryStatus::Failed)
     );
+    let found = all_edited.iter().filter(|e| collapsed(e)).count();
+    let collapses = edited.iter().filter(|e| collapsed(e)).count();
     let (low, high) = wilson_interval(collapses, edited.len());
+    let sample = if edited.len() == all_edited.len() { "edited" } else { "edited without a screen (a random sample)" };
     let _ = writeln!(
         out,
-        "collapses   {collapses} of {} edited = {:.2}% (95% CI {:.2}–{:.2}%)",
+        "collapses   {found} found; rate {collapses} of {} {sample} = {:.2}% (95% CI {:.2}–{:.2}%)",
         edited.len(),
         100.0 * collapses as f64 / edited.len().max(1) as f64,
         100.0 * low,
         100.0 * high
     );
-    let non_finite = edited.iter().filter(|e| measured(e).non_finite).count();
+    let non_finite = all_edited.iter().filter(|e| measured(e).non_finite).count();
     if non_finite > 0 {
         let _ = writeln!(
             out,
@@ -109,13 +119,13 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
         );
     }
     let seconds: f64 = entries.iter().map(|e| e.seconds).sum();
-    let edit_seconds: f64 = edited.iter().map(|e| e.seconds).sum();
+    let edit_seconds: f64 = all_edited.iter().map(|e| e.seconds).sum();
     let screen_seconds: f64 = entries.iter().map(|e| e.screen_seconds).sum();
     let _ = writeln!(
         out,
         "time        {:.2} h in all; {:.1} s per edited record; screen {:.3} s per record",
         seconds / 3600.0,
-        edit_seconds / edited.len().max(1) as f64,
+        edit_seconds / all_edited.len().max(1) as f64,
         screen_seconds / entries.len().max(1) as f64
     );
     if edited.is_empty() {
@@ -187,13 +197,25 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
             out,
             "\nscreen signals (computed before the edit): AUC collapse vs hold; median collapse | hold; threshold keeping 90% / 100% of the collapses → share of records skipped"
         );
+        let owned: Vec<JournalEntry> = edited.iter().map(|e| (*e).clone()).collect();
         for name in &names {
             let values = |group: bool| -> Vec<f64> {
                 edited.iter().filter(|e| collapsed(e) == group).filter_map(|e| signal(e, name)).collect()
             };
             let (positives, negatives) = (values(true), values(false));
             let Some(area) = auc(&positives, &negatives) else { continue };
-            let owned: Vec<JournalEntry> = edited.iter().map(|e| (*e).clone()).collect();
+            let median = |v: &[f64]| quantile(&sorted(v.iter().copied()), 0.5);
+            if area < 0.5 {
+                // Low values go with collapse: a `signal >= min` rule cannot use it.
+                let _ = writeln!(
+                    out,
+                    "  {name:<16} AUC {:.3}↓  {:.4} | {:.4}   (lower values go with collapse)",
+                    1.0 - area,
+                    median(&positives),
+                    median(&negatives)
+                );
+                continue;
+            }
             let skip_share = |threshold: Option<f64>| match threshold {
                 Some(t) => {
                     let rule = ScreenRule { signal: name.clone(), min: t, measured: String::new() };
@@ -204,17 +226,16 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
             };
             let _ = writeln!(
                 out,
-                "  {name:<16} AUC {area:.3}   {:.4} | {:.4}   90%: {}   100%: {}",
-                quantile(&sorted(positives.iter().copied()), 0.5),
-                quantile(&sorted(negatives.iter().copied()), 0.5),
+                "  {name:<16} AUC {area:.3}↑  {:.4} | {:.4}   90%: {}   100%: {}",
+                median(&positives),
+                median(&negatives),
                 skip_share(calibrate(name, 0.9, &owned)),
                 skip_share(calibrate(name, 1.0, &owned)),
             );
         }
     }
     if let Some(rule) = rule {
-        let owned: Vec<JournalEntry> = edited.iter().map(|e| (*e).clone()).collect();
-        let e = evaluate(rule, &owned);
+        let e = evaluate(rule, &unscreened(entries));
         let _ = writeln!(
             out,
             "\nscreen {} on the {} fully edited records: keeps {}/{} collapses (recall {:.1}%), skips {:.1}% of records, \
@@ -226,6 +247,16 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
             100.0 * e.recall(),
             100.0 * e.skipped as f64 / e.records.max(1) as f64,
             100.0 * e.time_share()
+        );
+    }
+    let audited: Vec<&&JournalEntry> =
+        all_edited.iter().filter(|e| e.rule.as_deref().is_some_and(|r| r.starts_with("audit:"))).collect();
+    if !audited.is_empty() {
+        let missed = audited.iter().filter(|e| collapsed(e)).count();
+        let _ = writeln!(
+            out,
+            "audit       {} records the screen skipped were edited anyway: {missed} collapsed (what the screen missed)",
+            audited.len()
         );
     }
     let skipped: Vec<&JournalEntry> = entries.iter().filter(|e| e.status == EntryStatus::Skipped).collect();

@@ -101,7 +101,13 @@ impl ScreenEvaluation {
     }
 }
 
-/// Holds `rule` against the fully edited records among `entries`.
+/// The records edited without any screen: a random sample of the selection (records a screen kept, and audited
+/// ones, are not: they were chosen by a screen).
+pub fn unscreened(entries: &[JournalEntry]) -> Vec<JournalEntry> {
+    entries.iter().filter(|e| e.status == EntryStatus::Edited && e.rule.is_none()).cloned().collect()
+}
+
+/// Holds `rule` against the fully edited records among `entries` (pass [`unscreened`] ones for an unbiased figure).
 pub fn evaluate(rule: &ScreenRule, entries: &[JournalEntry]) -> ScreenEvaluation {
     let mut evaluation = ScreenEvaluation {
         rule: format!("{}>={}", rule.signal, rule.min),

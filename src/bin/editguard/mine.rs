@@ -58,6 +58,9 @@ pub struct MineArgs {
     /// Screen: `registry` (the model's calibrated rule, if any), `off`, or a rule `signal>=value`.
     #[arg(long, default_value = "registry")]
     screen: String,
+    /// Share of the records the screen skips that are edited anyway (an audit of what the screen misses).
+    #[arg(long, default_value_t = 0.0)]
+    audit: f64,
     /// Summarise this journal and exit (nothing is edited).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -115,6 +118,7 @@ pub fn run(
     mut model: editguard::model::LoadedModel,
 ) -> Result<()> {
     EditDataset::parse(&args.dataset)?;
+    anyhow::ensure!((0.0..=1.0).contains(&args.audit), "--audit: expected a share between 0 and 1, not {}", args.audit);
     let rule = screen_rule(&args, registry, &model.id)?;
     let journal = args.journal.clone().unwrap_or_else(|| default_journal(&args, &model.id));
     let options = MineOptions {
@@ -129,6 +133,7 @@ pub fn run(
         corpus: args.corpus.clone(),
         journal: journal.clone(),
         screen: rule.clone(),
+        audit: args.audit,
         data_dir: data_dir.clone(),
     };
     match &rule {
