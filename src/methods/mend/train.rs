@@ -165,16 +165,17 @@ pub fn edit_step(
     let (edit_sites, loc_sites) = split_sites(&outer);
     let batch = &outer.batch;
     let below = model.run_layers(model.embed(batch)?, batch, 0..lowest, &NoHooks, Path::Fast)?;
-    let pre_hidden = model.run_layers(below.clone(), batch, lowest..layers, &NoHooks, Path::Fast)?;
-    let pre =
-        candle_nn::ops::log_softmax(&model.logits_at(&pre_hidden, &batch.packing, &loc_sites, Path::Fast)?, D::Minus1)?;
+    // The unedited distribution on the path the edited one is computed on, so that a zero edit has a zero KL.
+    let path = if training { Path::Differentiable } else { Path::Fast };
+    let pre_hidden = model.run_layers(below.clone(), batch, lowest..layers, &NoHooks, path)?;
+    let pre_logits = model.logits_at(&pre_hidden, &batch.packing, &loc_sites, path)?.detach();
+    let pre = candle_nn::ops::log_softmax(&pre_logits, D::Minus1)?;
     let mut backups: Vec<WeightBackup> = Vec::new();
     let result = (|| -> Result<(Tensor, Tensor, Tensor)> {
         for (&id, update) in weights.iter().zip(editor.updates(&factors.pairs(), training)?) {
             let update = if training { update } else { update.detach() };
             backups.push(model.apply_delta(id, &update)?);
         }
-        let path = if training { Path::Differentiable } else { Path::Fast };
         let hidden = model.run_layers(below, batch, lowest..layers, &NoHooks, path)?;
         let sites: Vec<_> = edit_sites.iter().chain(&loc_sites).copied().collect();
         let logits = model.logits_at(&hidden, &batch.packing, &sites, path)?;
