@@ -64,6 +64,40 @@ fn rate(collapses: usize, n: usize) -> String {
     format!("{:.1}% ({collapses}/{n})", 100.0 * collapses as f64 / n.max(1) as f64)
 }
 
+/// Collapse rates by record feature (subject opens the prompt, subject token count, relation as prompt template).
+fn feature_lines(records: &[&JournalEntry], collapsed: &dyn Fn(&JournalEntry) -> bool) -> String {
+    let mut out = String::new();
+    let by = |key: &dyn Fn(&JournalEntry) -> Option<String>| {
+        let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for e in records {
+            if let Some(k) = key(e) {
+                let slot = groups.entry(k).or_default();
+                slot.0 += usize::from(collapsed(e));
+                slot.1 += 1;
+            }
+        }
+        groups
+    };
+    let signal = |e: &JournalEntry, name: &str| e.signals.as_ref().and_then(|s| s.get(name));
+    let start = by(&|e| signal(e, "subject_start").map(|v| if v > 0.5 { "yes".into() } else { "no".into() }));
+    let start: Vec<String> = start.iter().map(|(k, (c, n))| format!("{k} {}", rate(*c, *n))).collect();
+    let _ = writeln!(out, "  subject opens the prompt   {}", start.join(" · "));
+    let tokens = by(&|e| signal(e, "subject_tokens").map(|v| if v >= 4.0 { "4+".into() } else { format!("{v:.0}") }));
+    let tokens: Vec<String> = tokens.iter().map(|(k, (c, n))| format!("{k}: {}", rate(*c, *n))).collect();
+    let _ = writeln!(out, "  subject tokens             {}", tokens.join(" · "));
+    let relations = by(&|e| Some(e.prompt.clone()));
+    let mut relations: Vec<(&String, &(usize, usize))> = relations.iter().filter(|(_, (c, _))| *c > 0).collect();
+    relations.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(b.0)));
+    let _ = writeln!(out, "  relation (prompt template), those with collapses, most first:");
+    for (template, (c, n)) in relations.iter().take(12) {
+        let _ = writeln!(out, "    {:<40} {}", format!("\"{template}\""), rate(*c, *n));
+    }
+    if relations.len() > 12 {
+        let _ = writeln!(out, "    … and {} more templates with collapses", relations.len() - 12);
+    }
+    out
+}
+
 /// The text summary of a journal's entries; `rule` is the screen rule to evaluate, if any.
 pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&ScreenRule>) -> String {
     let mut out = String::new();
@@ -161,35 +195,19 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
             );
         }
     }
-    let _ = writeln!(out, "\nfeatures (collapse rate among edited records):");
-    let by = |key: &dyn Fn(&JournalEntry) -> Option<String>| {
-        let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for e in &edited {
-            if let Some(k) = key(e) {
-                let slot = groups.entry(k).or_default();
-                slot.0 += usize::from(collapsed(e));
-                slot.1 += 1;
-            }
-        }
-        groups
-    };
+    let _ = writeln!(out, "\nfeatures (collapse rate among the records edited without a screen):");
+    let is_collapse = |e: &JournalEntry| e.measured.as_ref().is_some_and(|m| m.collapsed);
+    out.push_str(&feature_lines(&edited, &is_collapse));
+    let screened: Vec<&JournalEntry> = entries.iter().filter(|e| e.status != EntryStatus::Failed).collect();
+    if screened.len() > edited.len() {
+        let _ = writeln!(
+            out,
+            "features over all {} records, those the screen skipped counted as held (see the audit below):",
+            screened.len()
+        );
+        out.push_str(&feature_lines(&screened, &is_collapse));
+    }
     let signal = |e: &JournalEntry, name: &str| e.signals.as_ref().and_then(|s| s.get(name));
-    let start = by(&|e| signal(e, "subject_start").map(|v| if v > 0.5 { "yes".into() } else { "no".into() }));
-    let start: Vec<String> = start.iter().map(|(k, (c, n))| format!("{k} {}", rate(*c, *n))).collect();
-    let _ = writeln!(out, "  subject opens the prompt   {}", start.join(" · "));
-    let tokens = by(&|e| signal(e, "subject_tokens").map(|v| if v >= 4.0 { "4+".into() } else { format!("{v:.0}") }));
-    let tokens: Vec<String> = tokens.iter().map(|(k, (c, n))| format!("{k}: {}", rate(*c, *n))).collect();
-    let _ = writeln!(out, "  subject tokens             {}", tokens.join(" · "));
-    let relations = by(&|e| Some(e.prompt.clone()));
-    let mut relations: Vec<(&String, &(usize, usize))> = relations.iter().filter(|(_, (c, _))| *c > 0).collect();
-    relations.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(b.0)));
-    let _ = writeln!(out, "  relation (prompt template), those with collapses, most first:");
-    for (template, (c, n)) in relations.iter().take(12) {
-        let _ = writeln!(out, "    {:<40} {}", format!("\"{template}\""), rate(*c, *n));
-    }
-    if relations.len() > 12 {
-        let _ = writeln!(out, "    … and {} more templates with collapses", relations.len() - 12);
-    }
     let names: std::collections::BTreeSet<String> =
         edited.iter().filter_map(|e| e.signals.as_ref()).flat_map(|s| s.0.keys().cloned()).collect();
     if !names.is_empty() && collapses > 0 {

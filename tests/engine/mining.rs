@@ -69,7 +69,7 @@ fn a_killed_mine_resumes_without_redoing_records_and_keeps_exactly_the_collapse(
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, vec!["4790", "12714", "6130"], "each record once, in order");
-    assert!(stdout.contains("collapses   1 of 3 edited"), "{stdout}");
+    assert!(stdout.contains("collapses   1 found; rate 1 of 3 edited"), "{stdout}");
 
     let context = HarnessContext::new(&root(), &root().join("models.toml"), &dir.path().join("cases")).unwrap();
     let mined = context.suites.iter().find(|s| s.name == "mined").expect("the mined suite loads");
