@@ -3,8 +3,8 @@
 //! Speed and memory are measured here, never asserted in timed tests. Figures: model load time (including fetch from
 //! the cache and dequantisation), tokens/s of batched ME-PPL_50 perplexity, seconds per forward + backward step through
 //! the differentiable path for a short prompt with a vector injected at an MLP output (the inner loop of ROME), and
-//! the seconds per edit of each editing method, items/s of each downstream task on a seeded sample, and the
-//! process's peak resident memory.
+//! the seconds per edit of each editing method (with the training time of a trained component such as MEND's editor),
+//! items/s of each downstream task on a seeded sample, and the process's peak resident memory.
 
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use candle_core::{D, Var};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::methods::TrainedComponent;
 use crate::metrics::perplexity::{PerplexityOptions, perplexity};
 use crate::model::{AddAtSites, HookPoint, LoadedModel, Path};
 use crate::tasks::{EvalOptions, TaskEntry, evaluate};
@@ -38,6 +39,9 @@ pub struct BenchReport {
     /// Seconds per edit for each method with hyper-parameters for this model: (method, first edit including context
     /// template generation, a second edit with the templates cached).
     pub edit_seconds: Vec<(String, f64, f64)>,
+    /// Methods with a trained component (MEND's editor): how long its training took (made ready before the edits are
+    /// timed, trained now when nothing was cached).
+    pub trained: Vec<(String, TrainedComponent)>,
     /// Downstream task throughput on a seeded sample.
     pub task_speed: Vec<TaskSpeed>,
     /// Peak resident memory of the process in MiB, where the OS reports it.
@@ -59,8 +63,13 @@ pub struct TaskSpeed {
     pub items_per_second: f64,
 }
 
-/// Times one method: two edits of COUNTERFACT case 0 with the same method instance, undone after each.
-pub fn edit_seconds(model: &mut LoadedModel, registry: &crate::registry::Registry, method: &str) -> Result<(f64, f64)> {
+/// Times one method: two edits of COUNTERFACT case 0 with the same method instance, undone after each; a trained
+/// component is made ready first, outside the timing, and returned.
+pub fn edit_seconds(
+    model: &mut LoadedModel,
+    registry: &crate::registry::Registry,
+    method: &str,
+) -> Result<(f64, f64, Option<TrainedComponent>)> {
     let method = crate::methods::build_method(registry, &model.id, method)?;
     let request = crate::methods::EditRequest::from_text(
         "0",
@@ -69,13 +78,14 @@ pub fn edit_seconds(model: &mut LoadedModel, registry: &crate::registry::Registr
         "English",
     )?;
     let env = crate::methods::EditEnv::default();
+    let trained = method.prepare(model, &env)?;
     let mut seconds = Vec::new();
     for _ in 0..2 {
         let edit = method.apply(model, std::slice::from_ref(&request), &env)?;
         seconds.push(edit.seconds);
         edit.undo(model)?;
     }
-    Ok((seconds[0], seconds[1]))
+    Ok((seconds[0], seconds[1], trained))
 }
 
 /// Runs the benchmark on a loaded model; `methods` are timed with their models.toml hyper-parameters.
@@ -104,10 +114,11 @@ pub fn run(
         steps.push(gradient_step(&*model, &prompt)?);
     }
     steps.sort_by(f64::total_cmp);
-    let mut edit_times = Vec::new();
+    let (mut edit_times, mut trained) = (Vec::new(), Vec::new());
     for method in methods {
-        let (first, second) = edit_seconds(model, registry, method)?;
+        let (first, second, component) = edit_seconds(model, registry, method)?;
         edit_times.push((method.clone(), first, second));
+        trained.extend(component.map(|c| (method.clone(), c)));
     }
     let mut task_speed = Vec::new();
     for entry in tasks {
@@ -129,6 +140,7 @@ pub fn run(
         step_prompt_tokens: prompt.len(),
         step_seconds: steps[steps.len() / 2],
         edit_seconds: edit_times,
+        trained,
         task_speed,
         peak_memory_mib: peak_memory_mib(),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

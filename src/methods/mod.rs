@@ -50,6 +50,22 @@ pub trait EditMethod: Send + Sync {
     fn screen(&self, _model: &LoadedModel, _request: &EditRequest, _env: &EditEnv) -> Result<Option<ScreenSignals>> {
         Ok(None)
     }
+    /// Makes a trained component ready (MEND's editor: read from the cache, or trained now on the unedited model) and
+    /// says how it was trained. `None`: the method has nothing to train.
+    fn prepare(&self, _model: &mut LoadedModel, _env: &EditEnv) -> Result<Option<TrainedComponent>> {
+        Ok(None)
+    }
+}
+
+/// How a method's trained component came to be (see [`EditMethod::prepare`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainedComponent {
+    /// Seconds the training took when it ran (read from the cache when it did not run now).
+    pub training_seconds: f64,
+    /// Training steps.
+    pub steps: usize,
+    /// True when it was trained by this call, false when read from the cache.
+    pub trained_now: bool,
 }
 
 /// One weight's change.

@@ -22,6 +22,7 @@ pub mod prefix;
 pub mod prefix_attention_cpu;
 pub mod simd_matmul;
 pub mod tokenizer;
+pub mod trained_product;
 pub mod weights;
 pub mod workers;
 

@@ -1,5 +1,6 @@
-//! MEND on the tiny models: the captured factors are the weight gradient, a training step lowers the loss on a fixed
-//! example, and the editor cache keys, writes and refuses files as it should.
+//! MEND on the tiny models: the captured factors are the weight gradient, the identity-initialised transform updates a
+//! weight by `α · Σ δ̂ ûᵀ` of the normalised factors, the running statistics equal a two-pass mean and variance, a
+//! training step lowers the loss on a fixed example, and the editor cache keys, writes and refuses files as it should.
 
 use candle_core::{D, DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -177,4 +178,86 @@ fn the_editor_cache_round_trips_and_refuses_foreign_or_corrupt_files() {
     let other = MendParams { seed: 4, ..params.clone() };
     let (other_key, path_b) = store::key_and_path(&model, &other, &weights, &env).unwrap();
     assert!(key != other_key && path_a != path_b);
+}
+
+/// Two-pass mean and sample standard deviation of each column of `rows`.
+fn two_pass(rows: &[Vec<f32>]) -> (Vec<f64>, Vec<f64>) {
+    let n = rows.len() as f64;
+    let width = rows[0].len();
+    let mean: Vec<f64> = (0..width).map(|j| rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / n).collect();
+    let std = (0..width)
+        .map(|j| (rows.iter().map(|r| (f64::from(r[j]) - mean[j]).powi(2)).sum::<f64>() / (n - 1.0)).sqrt())
+        .collect();
+    (mean, std)
+}
+
+#[test]
+fn welford_statistics_equal_a_two_pass_mean_and_variance() {
+    use editguard::methods::mend::editor::{RunningMoments, seeded_normal};
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    // Columns with a large offset and very different spreads: the case a one-pass sum of squares gets wrong.
+    let rows: Vec<Vec<f32>> = (0..257)
+        .map(|_| {
+            seeded_normal(6, &mut rng).iter().enumerate().map(|(j, z)| 1e3 + z * 10f32.powi(j as i32 - 3)).collect()
+        })
+        .collect();
+    let mut moments = RunningMoments::new(6);
+    for row in &rows {
+        moments.push(row);
+    }
+    let (mean, std) = two_pass(&rows);
+    let welford = moments.std().unwrap();
+    for j in 0..6 {
+        assert!(
+            (moments.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs(),
+            "mean {j}: {} vs {}",
+            moments.mean[j],
+            mean[j]
+        );
+        assert!((welford[j] - std[j]).abs() <= 1e-6 * std[j], "std {j}: {} vs {}", welford[j], std[j]);
+    }
+    assert!(RunningMoments::new(3).std().is_none(), "no statistics before two rows");
+}
+
+#[test]
+fn the_identity_initialised_transform_updates_by_alpha_times_the_normalised_factors() {
+    let model = fixture_model("llama", "model.safetensors", DType::F32);
+    let params = params();
+    let (editor, weights) = tiny_editor(&model, &params);
+    let targets = target_batch(&model, &pairs()).unwrap();
+    let factors = factors_of(&model, &targets, &weights).unwrap();
+    // Training mode: the statistics take in exactly these rows, then normalise them.
+    let updates = editor.updates(&factors.pairs(), true).unwrap();
+    let alphas = editor.edit_lrs.as_tensor().to_vec1::<f32>().unwrap();
+    for (g, _) in editor.groups.iter().enumerate() {
+        let members: Vec<usize> = (0..weights.len()).filter(|&i| editor.weights[i].group == g).collect();
+        let rows = |tensors: &[Tensor]| -> Vec<Vec<f32>> {
+            members.iter().flat_map(|&i| tensors[i].to_vec2::<f32>().unwrap()).collect()
+        };
+        let (u_mean, u_std) = two_pass(&rows(&factors.inputs));
+        let (d_mean, d_std) = two_pass(&rows(&factors.grads));
+        let normalise = |t: &Tensor, mean: &[f64], std: &[f64]| -> Vec<Vec<f64>> {
+            t.to_vec2::<f32>()
+                .unwrap()
+                .iter()
+                .map(|r| r.iter().enumerate().map(|(j, &x)| (f64::from(x) - mean[j]) / (std[j] + 1e-7)).collect())
+                .collect()
+        };
+        for &i in &members {
+            let u = normalise(&factors.inputs[i], &u_mean, &u_std);
+            let d = normalise(&factors.grads[i], &d_mean, &d_std);
+            let got = updates[i].to_vec2::<f32>().unwrap();
+            let mut scale = 0f64;
+            let mut error = 0f64;
+            for (o, got_row) in got.iter().enumerate() {
+                for (k, &value) in got_row.iter().enumerate() {
+                    let want: f64 = f64::from(alphas[i]) * u.iter().zip(&d).map(|(u, d)| d[o] * u[k]).sum::<f64>();
+                    scale = scale.max(want.abs());
+                    error = error.max((f64::from(value) - want).abs());
+                }
+            }
+            assert!(scale > 0.0 && error <= 1e-4 * scale, "weight {i}: ΔW off by {error} (scale {scale})");
+        }
+    }
 }

@@ -447,6 +447,15 @@ fn main() -> Result<()> {
                 for (method, first, second) in &report.edit_seconds {
                     println!("{method:<21} {first:.2} s first edit (with context templates), {second:.2} s next edit");
                 }
+                for (method, trained) in &report.trained {
+                    let when = if trained.trained_now { "trained now" } else { "read from the cache" };
+                    println!(
+                        "{:<21} {:.0} s ({} steps; {when})",
+                        format!("{method} training"),
+                        trained.training_seconds,
+                        trained.steps
+                    );
+                }
                 for task in &report.task_speed {
                     println!(
                         "{:<21} {:.2} items/s ({} items in {:.1} s)",

@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::model::WeightId;
+use crate::model::trained_product::matmul_trained;
 
 /// Running per-dimension mean and sum of squared deviations (Welford), in f64.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +73,7 @@ pub struct LowRankLayer {
 impl LowRankLayer {
     /// `x` `(rows, d)`, `modes` `(rows,)` u32: each row takes its own mode's scale and shift.
     fn forward(&self, x: &Tensor, modes: &Tensor) -> Result<Tensor> {
-        let pre = x.matmul(&self.project.as_tensor().t()?)?.matmul(&self.expand.as_tensor().t()?)?;
+        let pre = matmul_trained(&matmul_trained(x, self.project.as_tensor())?, self.expand.as_tensor())?;
         let pre = pre.broadcast_add(self.bias.as_tensor())?;
         let scale = self.mode_scale.as_tensor().index_select(modes, 0)?;
         let shift = self.mode_shift.as_tensor().index_select(modes, 0)?;

@@ -109,8 +109,8 @@ pub fn edit_factors(model: &LoadedModel, requests: &[EditRequest], weights: &[We
     factors_of(model, &targets, weights)
 }
 
-/// The factors of the NLL of a prepared target batch (see [`edit_factors`]).
-pub fn factors_of(model: &LoadedModel, targets: &TargetBatch, weights: &[WeightId]) -> Result<Factors> {
+/// The lowest edited layer of `weights`, and the layers holding them.
+fn edited_layers(weights: &[WeightId]) -> Result<(usize, Vec<usize>)> {
     let mut layers = Vec::new();
     for id in weights {
         let (_, layer) = id.mlp().ok_or_else(|| Error::invalid("(mend)", format!("{id:?}"), "not an MLP weight"))?;
@@ -119,12 +119,38 @@ pub fn factors_of(model: &LoadedModel, targets: &TargetBatch, weights: &[WeightI
         }
     }
     let lowest = *layers.iter().min().ok_or_else(|| Error::invalid("(mend)", "inner_params", "no edited weight"))?;
-    let batch = &targets.batch;
-    let below = model.run_layers(model.embed(batch)?, batch, 0..lowest, &NoHooks, Path::Fast)?;
+    Ok((lowest, layers))
+}
+
+/// The hidden state entering the lowest edited layer of `weights` (the fast path: nothing below it is differentiated).
+pub fn below_edited(model: &LoadedModel, batch: &PackedBatch, weights: &[WeightId]) -> Result<Tensor> {
+    let (lowest, _) = edited_layers(weights)?;
+    model.run_layers(model.embed(batch)?, batch, 0..lowest, &NoHooks, Path::Fast)
+}
+
+/// The factors of the NLL of a prepared target batch (see [`edit_factors`]).
+pub fn factors_of(model: &LoadedModel, targets: &TargetBatch, weights: &[WeightId]) -> Result<Factors> {
+    let below = below_edited(model, &targets.batch, weights)?;
+    Ok(factors_above(model, &targets.batch, below, &targets.sites, &targets.labels, weights)?.0)
+}
+
+/// The factors of the mean NLL of `labels` at `sites`, from `below` (see [`below_edited`]) up; also returns the
+/// unedited final hidden states of every row (detached, from the differentiable path), so a caller that packed more
+/// rows than the loss reads gets their unedited outputs from the same pass. Rows without a site get `δ = 0` and are
+/// dropped from the factors.
+pub fn factors_above(
+    model: &LoadedModel,
+    batch: &PackedBatch,
+    below: Tensor,
+    sites: &[Site],
+    labels: &[u32],
+    weights: &[WeightId],
+) -> Result<(Factors, Tensor)> {
+    let (lowest, layers) = edited_layers(weights)?;
     let probes = Probes { layers, captured: Mutex::new(HashMap::new()), probes: Mutex::new(HashMap::new()) };
     let hidden = model.run_layers(below, batch, lowest..model.dims().layers, &probes, Path::Differentiable)?;
-    let logits = model.logits_at(&hidden, &batch.packing, &targets.sites, Path::Differentiable)?;
-    let loss = mean_nll(&logits, &targets.labels)?;
+    let logits = model.logits_at(&hidden, &batch.packing, sites, Path::Differentiable)?;
+    let loss = mean_nll(&logits, labels)?;
     let value = crate::error::ensure_finite("MEND edit loss", f64::from(loss.to_scalar::<f32>()?))?;
     let grads = loss.backward()?;
     let captured = probes.captured.into_inner().map_err(|_| Error::invalid("(mend)", "probes", "lock poisoned"))?;
@@ -151,7 +177,7 @@ pub fn factors_of(model: &LoadedModel, targets: &TargetBatch, weights: &[WeightI
         inputs.push(input);
         deltas.push(grad);
     }
-    Ok(Factors { inputs, grads: deltas, loss: value })
+    Ok((Factors { inputs, grads: deltas, loss: value }, hidden.detach()))
 }
 
 /// Keeps the rows where both `u` and `δ` have a non-zero entry.

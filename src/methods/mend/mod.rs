@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{EditEnv, EditMethod, EditRecorder, EditRequest, MethodEntry, parse_params};
+use super::{EditEnv, EditMethod, EditRecorder, EditRequest, MethodEntry, TrainedComponent, parse_params};
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, WeightId};
 
@@ -140,7 +140,7 @@ pub struct Mend {
     params: MendParams,
     weights: Vec<WeightId>,
     origin: String,
-    editor: Mutex<Option<Arc<Editor>>>,
+    editor: Mutex<Option<(Arc<Editor>, TrainedComponent)>>,
 }
 
 fn build(table: &toml::Table, origin: &str) -> Result<Box<dyn EditMethod>> {
@@ -162,20 +162,35 @@ impl Mend {
 
     /// The editor: kept from an earlier call, read from the cache, or trained now (on the unedited model).
     pub fn editor(&self, model: &mut LoadedModel, env: &EditEnv) -> Result<Arc<Editor>> {
+        Ok(self.ready(model, env)?.0)
+    }
+
+    /// The editor with how it was trained.
+    fn ready(&self, model: &mut LoadedModel, env: &EditEnv) -> Result<(Arc<Editor>, TrainedComponent)> {
         let mut slot = self.editor.lock().map_err(|_| Error::invalid("(mend)", "editor", "lock poisoned"))?;
-        if let Some(editor) = slot.as_ref() {
-            return Ok(Arc::clone(editor));
+        if let Some((editor, trained)) = slot.as_ref() {
+            return Ok((Arc::clone(editor), TrainedComponent { trained_now: false, ..trained.clone() }));
         }
-        let (editor, _, _) = store::load_or_train(model, &self.params, &self.weights, &self.origin, env, &mut |_| {})?;
+        let (editor, report, provenance) =
+            store::load_or_train(model, &self.params, &self.weights, &self.origin, env, &mut |_| {})?;
+        let trained = TrainedComponent {
+            training_seconds: report.seconds,
+            steps: report.steps,
+            trained_now: provenance == store::Provenance::Trained,
+        };
         let editor = Arc::new(editor);
-        *slot = Some(Arc::clone(&editor));
-        Ok(editor)
+        *slot = Some((Arc::clone(&editor), trained.clone()));
+        Ok((editor, trained))
     }
 }
 
 impl EditMethod for Mend {
     fn name(&self) -> &'static str {
         "mend"
+    }
+
+    fn prepare(&self, model: &mut LoadedModel, env: &EditEnv) -> Result<Option<TrainedComponent>> {
+        Ok(Some(self.ready(model, env)?.1))
     }
 
     fn apply(&self, model: &mut LoadedModel, requests: &[EditRequest], env: &EditEnv) -> Result<super::AppliedEdit> {

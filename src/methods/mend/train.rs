@@ -15,8 +15,10 @@
 //! reference's `loss/total_edit_val`), and training stops early after `early_stop_patience` steps without
 //! improvement — the reference's rule, which EasyEdit removed. The editor returned is the best one.
 //!
-//! Speed: the layers below the lowest edited one run once per request on the fast path, frozen weights get no
-//! gradient, and logits are computed only where a loss reads them.
+//! Speed: the edit, the prompt the edit loss reads and the locality probe are one packed batch, so the layers below the
+//! lowest edited one run once per step on the fast path and one unedited pass above them gives both the factors and
+//! the unedited locality distribution; frozen weights get no gradient, and logits are computed only where a loss
+//! reads them.
 
 use std::time::Instant;
 
@@ -27,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::editor::{Editor, EditorShape};
-use super::factors::{TargetBatch, factors_of, mean_nll, target_batch};
+use super::factors::{TargetBatch, below_edited, factors_above, mean_nll, target_batch};
 use super::{EditLossPrompt, MendParams};
 use crate::data::counterfact::{EditDataset, seeded_order};
 use crate::error::{Error, Result, ensure_finite};
@@ -147,41 +149,50 @@ pub fn edit_step(
 ) -> Result<(StepLosses, Option<GradStore>)> {
     let trace = std::env::var_os("EDITGUARD_TRACE").is_some();
     let started = Instant::now();
-    let lowest = weights.iter().filter_map(|w| w.mlp().map(|(_, l)| l)).min().unwrap_or(0);
+    let lap = |what: &str| {
+        if trace {
+            eprintln!("mend step: {what} {:.3}s", started.elapsed().as_secs_f64());
+        }
+    };
     let layers = model.dims().layers;
-    let inner = target_batch(model, &[(example.edit.prompt_text(), example.edit.target_new.clone())])?;
-    let factors = factors_of(model, &inner, weights)?;
-    if trace {
-        eprintln!("mend step: factors {:.3}s", started.elapsed().as_secs_f64());
-    }
     let outer_prompt = match (params.edit_loss_on, example.edit.rephrase_prompts.first()) {
         (EditLossPrompt::Rephrase, Some(rephrase)) => rephrase.clone(),
         _ => example.edit.prompt_text(),
     };
-    let outer = target_batch(
-        model,
-        &[(outer_prompt, example.edit.target_new.clone()), (example.loc.prompt.clone(), example.loc.answer.clone())],
-    )?;
-    let (edit_sites, loc_sites) = split_sites(&outer);
-    let batch = &outer.batch;
-    let below = model.run_layers(model.embed(batch)?, batch, 0..lowest, &NoHooks, Path::Fast)?;
-    // The unedited distribution on the path the edited one is computed on, so that a zero edit has a zero KL.
-    let path = if training { Path::Differentiable } else { Path::Fast };
-    let pre_hidden = model.run_layers(below.clone(), batch, lowest..layers, &NoHooks, path)?;
-    let pre_logits = model.logits_at(&pre_hidden, &batch.packing, &loc_sites, path)?.detach();
+    // One packed batch: row 0 the edit (its gradient gives the factors), row 1 the prompt the edit loss reads after
+    // the edit, row 2 the locality probe. The layers below the lowest edited one run once for all three.
+    let rows = [
+        (example.edit.prompt_text(), example.edit.target_new.clone()),
+        (outer_prompt, example.edit.target_new.clone()),
+        (example.loc.prompt.clone(), example.loc.answer.clone()),
+    ];
+    let packed = target_batch(model, &rows)?;
+    let [inner, edit, loc] = sites_by_row(&packed);
+    let batch = &packed.batch;
+    let below = below_edited(model, batch, weights)?;
+    lap("below");
+    // The unedited pass gives the factors (loss on row 0 only, so rows 1 and 2 have δ = 0 and drop out) and the
+    // unedited distribution at the locality sites on the differentiable path the edited pass takes too, so that a zero
+    // edit has a zero KL.
+    let (factors, unedited) = factors_above(model, batch, below.clone(), &inner.0, &inner.1, weights)?;
+    let pre_logits = model.logits_at(&unedited, &batch.packing, &loc.0, Path::Differentiable)?;
     let pre = candle_nn::ops::log_softmax(&pre_logits, D::Minus1)?;
+    lap("factors");
+    let lowest = weights.iter().filter_map(|w| w.mlp().map(|(_, l)| l)).min().unwrap_or(0);
     let mut backups: Vec<WeightBackup> = Vec::new();
     let result = (|| -> Result<(Tensor, Tensor, Tensor)> {
-        for (&id, update) in weights.iter().zip(editor.updates(&factors.pairs(), training)?) {
+        let updates = editor.updates(&factors.pairs(), training)?;
+        for (&id, update) in weights.iter().zip(updates) {
             let update = if training { update } else { update.detach() };
             backups.push(model.apply_delta(id, &update)?);
         }
-        let hidden = model.run_layers(below, batch, lowest..layers, &NoHooks, path)?;
-        let sites: Vec<_> = edit_sites.iter().chain(&loc_sites).copied().collect();
-        let logits = model.logits_at(&hidden, &batch.packing, &sites, path)?;
-        let edit_logits = logits.narrow(0, 0, edit_sites.len())?;
-        let loc_logits = logits.narrow(0, edit_sites.len(), loc_sites.len())?;
-        let edit_loss = mean_nll(&edit_logits, &outer.labels[..edit_sites.len()])?;
+        lap("updates");
+        let hidden = model.run_layers(below, batch, lowest..layers, &NoHooks, Path::Differentiable)?;
+        let sites: Vec<_> = edit.0.iter().chain(&loc.0).copied().collect();
+        let logits = model.logits_at(&hidden, &batch.packing, &sites, Path::Differentiable)?;
+        let edit_logits = logits.narrow(0, 0, edit.0.len())?;
+        let loc_logits = logits.narrow(0, edit.0.len(), loc.0.len())?;
+        let edit_loss = mean_nll(&edit_logits, &edit.1)?;
         let post = candle_nn::ops::log_softmax(&loc_logits, D::Minus1)?;
         let loc_loss = (pre.exp()? * (&pre - post)?)?.sum(D::Minus1)?.mean_all()?;
         Ok((edit_loss, loc_loss, edit_logits))
@@ -189,12 +200,10 @@ pub fn edit_step(
     while let Some(backup) = backups.pop() {
         model.restore(backup)?;
     }
-    if trace {
-        eprintln!("mend step: edited forward {:.3}s", started.elapsed().as_secs_f64());
-    }
+    lap("edited forward");
     let (edit_loss, loc_loss, edit_logits) = result?;
     let predicted = edit_logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-    let accurate = predicted.as_slice() == &outer.labels[..edit_sites.len()];
+    let accurate = predicted == edit.1;
     let losses = StepLosses {
         edit: f64::from(edit_loss.to_scalar::<f32>()?),
         loc: f64::from(loc_loss.to_scalar::<f32>()?),
@@ -205,15 +214,18 @@ pub fn edit_step(
     }
     let total = ((edit_loss * params.cedit)? + (loc_loss * params.cloc)?)?;
     let grads = total.backward()?;
-    if trace {
-        eprintln!("mend step: backward {:.3}s", started.elapsed().as_secs_f64());
-    }
+    lap("backward");
     Ok((losses, Some(grads)))
 }
 
-/// The target sites of the outer batch's first row (the edit) and second row (the locality probe).
-fn split_sites(outer: &TargetBatch) -> (Vec<Site>, Vec<Site>) {
-    outer.sites.iter().partition(|(row, _)| *row == 0)
+/// The sites and labels of each of the three rows of a training step's batch.
+fn sites_by_row(packed: &TargetBatch) -> [(Vec<Site>, Vec<u32>); 3] {
+    let mut out: [(Vec<Site>, Vec<u32>); 3] = Default::default();
+    for (&site, &label) in packed.sites.iter().zip(&packed.labels) {
+        out[site.0].0.push(site);
+        out[site.0].1.push(label);
+    }
+    out
 }
 
 /// Efficacy of one edit: the edited prompt prefers the new target over the old one (ROME's COUNTERFACT score).
@@ -280,10 +292,10 @@ struct Accumulator {
 }
 
 impl Accumulator {
-    fn add(&mut self, vars: &[Var], grads: &GradStore, scale: f64) -> Result<()> {
+    fn add(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
         for (sum, var) in self.sums.iter_mut().zip(vars) {
             if let Some(g) = grads.get(var.as_tensor()) {
-                let g = (g.detach() * scale)?;
+                let g = g.detach();
                 *sum = Some(match sum.take() {
                     Some(s) => (s + g)?,
                     None => g,
@@ -293,13 +305,15 @@ impl Accumulator {
         Ok(())
     }
 
-    /// The accumulated gradients clipped to `clip` (global norm), as a store for the optimisers; empties itself.
-    fn take_clipped(&mut self, vars: &[Var], clip: f64) -> Result<GradStore> {
+    /// The mean of the accumulated gradients over `steps`, clipped to `clip` (global norm), as a store for the
+    /// optimisers; empties itself.
+    fn take_clipped(&mut self, vars: &[Var], steps: usize, clip: f64) -> Result<GradStore> {
         let mut norm = 0.0;
         for g in self.sums.iter().flatten() {
             norm += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
-        let scale = if norm.sqrt() > clip { clip / norm.sqrt() } else { 1.0 };
+        let norm = norm.sqrt() / steps.max(1) as f64;
+        let scale = if norm > clip { clip / norm } else { 1.0 } / steps.max(1) as f64;
         let mut store = GradStore::default();
         for (sum, var) in self.sums.iter_mut().zip(vars) {
             if let Some(g) = sum.take() {
@@ -362,7 +376,7 @@ pub fn train(
         let (losses, grads) = edit_step(model, &editor, weights, example, params, true)?;
         let grads = grads.expect("training steps return gradients");
         if losses.edit.is_finite() && losses.loc.is_finite() && all_finite(&all_vars, &grads)? {
-            accumulator.add(&all_vars, &grads, 1.0 / params.accumulate_bs as f64)?;
+            accumulator.add(&all_vars, &grads)?;
             edit_sum += losses.edit;
             loc_sum += losses.loc;
             since += 1;
@@ -371,7 +385,7 @@ pub fn train(
         }
         accumulated += 1;
         if accumulated == params.accumulate_bs {
-            let store = accumulator.take_clipped(&all_vars, params.grad_clip)?;
+            let store = accumulator.take_clipped(&all_vars, params.accumulate_bs, params.grad_clip)?;
             optimizer.step(&store)?;
             lr_optimizer.step(&store)?;
             report.optimizer_steps += 1;
