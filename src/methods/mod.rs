@@ -7,6 +7,7 @@
 //! one row in [`METHODS`].
 
 pub mod ft;
+pub mod held_out;
 pub mod kn;
 pub mod linalg;
 pub mod memit;

@@ -13,6 +13,19 @@ pub fn matmul_frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.apply_op1(InputGradientOnly { value, weight: w.detach() })
 }
 
+/// A custom op's forward value computed beforehand, handed to candle as the op's CPU storage.
+pub(crate) fn precomputed_storage(value: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+    let flat = value.flatten_all()?;
+    let storage = match value.dtype() {
+        candle_core::DType::F32 => CpuStorage::F32(flat.to_vec1::<f32>()?),
+        candle_core::DType::F64 => CpuStorage::F64(flat.to_vec1::<f64>()?),
+        candle_core::DType::F16 => CpuStorage::F16(flat.to_vec1::<half::f16>()?),
+        candle_core::DType::BF16 => CpuStorage::BF16(flat.to_vec1::<half::bf16>()?),
+        other => candle_core::bail!("{op}: unsupported dtype {other:?}"),
+    };
+    Ok((storage, value.shape().clone()))
+}
+
 struct InputGradientOnly {
     value: Tensor,
     weight: Tensor,
@@ -24,16 +37,7 @@ impl CustomOp1 for InputGradientOnly {
     }
 
     fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = self.value.shape().clone();
-        let flat = self.value.flatten_all()?;
-        let storage = match self.value.dtype() {
-            candle_core::DType::F32 => CpuStorage::F32(flat.to_vec1::<f32>()?),
-            candle_core::DType::F64 => CpuStorage::F64(flat.to_vec1::<f64>()?),
-            candle_core::DType::F16 => CpuStorage::F16(flat.to_vec1::<half::f16>()?),
-            candle_core::DType::BF16 => CpuStorage::BF16(flat.to_vec1::<half::bf16>()?),
-            other => candle_core::bail!("matmul-frozen-weight: unsupported dtype {other:?}"),
-        };
-        Ok((storage, shape))
+        precomputed_storage(&self.value, self.name())
     }
 
     #[cfg(feature = "cuda")]

@@ -23,14 +23,7 @@ impl CustomOp2 for TrainedWeightProduct {
     }
 
     fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = self.value.shape().clone();
-        let flat = self.value.flatten_all()?;
-        let storage = match self.value.dtype() {
-            candle_core::DType::F32 => CpuStorage::F32(flat.to_vec1::<f32>()?),
-            candle_core::DType::F64 => CpuStorage::F64(flat.to_vec1::<f64>()?),
-            other => candle_core::bail!("matmul-trained-weight: unsupported dtype {other:?}"),
-        };
-        Ok((storage, shape))
+        super::frozen::precomputed_storage(&self.value, self.name())
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -83,6 +83,10 @@ enum Command {
         /// Write the learning curve here (SVG).
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Then edit this many held-out records of COUNTERFACT's edit split one at a time (seeded order, seed 0) and
+        /// report efficacy, generalisation and locality.
+        #[arg(long)]
+        evaluate: Option<usize>,
     },
     /// Score downstream tasks on a model, each next to its random-guess floor.
     Eval {
@@ -300,7 +304,7 @@ fn main() -> Result<()> {
             editguard::harness::curves::write_curves_svg(&curves, bound, &out)?;
             println!("plot: {}", out.display());
         }
-        Command::Train { method, model, plot } => {
+        Command::Train { method, model, plot, evaluate } => {
             if method != "mend" {
                 anyhow::bail!("`{method}` has nothing to train; trained methods: mend");
             }
@@ -373,6 +377,34 @@ fn main() -> Result<()> {
             if let Some(plot) = plot {
                 editguard::methods::mend::curve::write_curve_svg(&id, &report, &plot)?;
                 println!("plot          {}", plot.display());
+            }
+            if let Some(n) = evaluate {
+                let method = editguard::methods::build_method(&registry, &id, "mend")?;
+                let bar = ProgressBar::new(n as u64).with_style(
+                    ProgressStyle::with_template("held-out edits {bar:30} {pos}/{len} ({per_sec}, eta {eta})")
+                        .expect("valid template"),
+                );
+                let quality = editguard::methods::held_out::held_out_quality(
+                    &mut model,
+                    method.as_ref(),
+                    n,
+                    0,
+                    &env,
+                    &mut |done, _| bar.set_position(done as u64),
+                );
+                bar.finish_and_clear();
+                let q = quality?;
+                println!(
+                    "held-out      {} COUNTERFACT edit-split records (seeded order, seed 0), single edits: efficacy {:.3} \
+                     (token accuracy {:.3}), generalisation {:.3}, locality {:.3}, ‖ΔW‖/‖W‖ {:.4}, {:.2} s per edit",
+                    q.records,
+                    q.efficacy,
+                    q.efficacy_accuracy,
+                    q.generalization,
+                    q.locality,
+                    q.relative_norm,
+                    q.seconds_per_edit
+                );
             }
         }
         Command::Shrink(args) => shrink::run(args, cli.data_dir.clone())?,
