@@ -8,7 +8,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use editguard::methods::mend::editor::Editor;
 use editguard::methods::mend::factors::{factors_of, mean_nll, target_batch};
 use editguard::methods::mend::train::{Example, TrainingReport, edit_step};
-use editguard::methods::mend::{EditLossPrompt, MendParams, store};
+use editguard::methods::mend::{EditLossPrompt, LocalityFrom, MendParams, store};
 use editguard::methods::{EditRequest, LocalityProbe};
 use editguard::model::{LoadedModel, NoHooks, Path, WeightId};
 
@@ -85,6 +85,7 @@ fn params() -> MendParams {
         val_steps: 1,
         early_stop_patience: 10,
         edit_loss_on: EditLossPrompt::Rephrase,
+        locality_from: LocalityFrom::SameRelation,
         val_records: 10,
         seed: 3,
     }
@@ -232,4 +233,39 @@ fn the_identity_initialised_transform_updates_by_alpha_times_the_normalised_fact
             assert!(scale > 0.0 && error <= 1e-4 * scale, "weight {i}: ΔW off by {error} (scale {scale})");
         }
     }
+}
+
+#[test]
+fn training_examples_take_locality_probes_from_other_records_of_the_same_relation() {
+    use editguard::data::counterfact::EditDataset;
+    use std::collections::HashMap;
+    let params = MendParams { val_records: 500, ..params() };
+    // The default data directory (../shared/data), as the CLI finds it.
+    let records = EditDataset::CounterFactTrain.load(None).unwrap();
+    let mut owner: HashMap<String, Vec<&EditRequest>> = HashMap::new();
+    for r in &records {
+        for probe in &r.locality {
+            owner.entry(format!("{}|{}", probe.prompt, probe.answer)).or_default().push(r);
+        }
+    }
+    let (train, val) = editguard::methods::mend::train::examples(&params, None).unwrap();
+    assert_eq!((train.len() + val.len(), val.len()), (records.len(), 500));
+    let (mut same, mut own) = (0, 0);
+    for example in &train {
+        let owners = &owner[&format!("{}|{}", example.loc.prompt, example.loc.answer)];
+        same += usize::from(owners.iter().any(|r| r.prompt == example.edit.prompt));
+        own += usize::from(owners.iter().all(|r| r.id == example.edit.id));
+    }
+    assert_eq!(own, 0, "a record's own neighbourhood is never its locality probe");
+    assert!(same as f64 >= 0.95 * train.len() as f64, "{same} of {} probes share the relation", train.len());
+    let any = MendParams { locality_from: LocalityFrom::Any, ..params.clone() };
+    let (unrelated, _) = editguard::methods::mend::train::examples(&any, None).unwrap();
+    let same_any = unrelated
+        .iter()
+        .filter(|e| owner[&format!("{}|{}", e.loc.prompt, e.loc.answer)].iter().any(|r| r.prompt == e.edit.prompt))
+        .count();
+    assert!(same_any * 5 < same, "unrelated draws share the relation far less often ({same_any} vs {same})");
+    // The same seed draws the same examples.
+    let (again, _) = editguard::methods::mend::train::examples(&params, None).unwrap();
+    assert!(again.iter().zip(&train).all(|(a, b)| a.edit.id == b.edit.id && a.loc == b.loc));
 }

@@ -20,6 +20,7 @@
 //! the unedited locality distribution; frozen weights get no gradient, and logits are computed only where a loss
 //! reads them.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -30,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::editor::{Editor, EditorShape};
 use super::factors::{TargetBatch, below_edited, factors_above, mean_nll, target_batch};
-use super::{EditLossPrompt, MendParams};
+use super::{EditLossPrompt, LocalityFrom, MendParams};
 use crate::data::counterfact::{EditDataset, seeded_order};
 use crate::error::{Error, Result, ensure_finite};
 use crate::methods::request::{EditRequest, LocalityProbe};
@@ -104,7 +105,9 @@ pub struct Example {
 }
 
 /// Train and validation examples from COUNTERFACT's train split: the seeded order of the records, the last
-/// `val_records` held out; each record's locality probe comes from another record of the same part.
+/// `val_records` held out. Each record's locality probe is the first neighbourhood probe of another record of the same
+/// part, drawn at random among those with the same relation (prompt template; any other record when the relation has
+/// no other) — see [`LocalityFrom`].
 pub fn examples(params: &MendParams, data_dir: Option<&std::path::Path>) -> Result<(Vec<Example>, Vec<Example>)> {
     let records = EditDataset::CounterFactTrain.load(data_dir)?;
     let ordered = seeded_order(&records, params.seed);
@@ -114,11 +117,24 @@ pub fn examples(params: &MendParams, data_dir: Option<&std::path::Path>) -> Resu
     let (train, val) = ordered.split_at(ordered.len() - params.val_records);
     let pair = |part: &[EditRequest], salt: u64| -> Vec<Example> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed ^ salt);
-        let probes: Vec<&LocalityProbe> = part.iter().flat_map(|r| r.locality.first()).collect();
+        let with_probe: Vec<usize> = (0..part.len()).filter(|&i| !part[i].locality.is_empty()).collect();
+        let mut by_relation: HashMap<&str, Vec<usize>> = HashMap::new();
+        for &i in &with_probe {
+            by_relation.entry(part[i].prompt.as_str()).or_default().push(i);
+        }
         part.iter()
-            .map(|edit| {
-                let loc = probes[rng.random_range(0..probes.len())].clone();
-                Example { edit: edit.clone(), loc }
+            .enumerate()
+            .map(|(index, edit)| {
+                let same: Vec<usize> = match params.locality_from {
+                    LocalityFrom::SameRelation => by_relation
+                        .get(edit.prompt.as_str())
+                        .map(|v| v.iter().copied().filter(|&j| j != index).collect())
+                        .unwrap_or_default(),
+                    LocalityFrom::Any => Vec::new(),
+                };
+                let pool = if same.is_empty() { &with_probe } else { &same };
+                let other = pool[rng.random_range(0..pool.len())];
+                Example { edit: edit.clone(), loc: part[other].locality[0].clone() }
             })
             .collect()
     };
