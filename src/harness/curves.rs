@@ -78,6 +78,9 @@ pub fn curves(context: &HarnessContext, suites: &[String]) -> Result<Vec<Curve>>
     Ok(out)
 }
 
+/// Decades above the collapse bound where the perplexity axis stops.
+const CLIP_DECADES: f64 = 4.0;
+
 /// Draws `curves` to `path`: one panel per suite (in order of appearance), log₁₀ perplexity against edits, one colour
 /// per method (the same in every panel), and the collapse bound `bound` (absolute perplexity) as a dashed line.
 pub fn write_curves_svg(curves: &[Curve], bound: f64, path: &Path) -> Result<()> {
@@ -96,6 +99,11 @@ pub fn write_curves_svg(curves: &[Curve], bound: f64, path: &Path) -> Result<()>
     }
     let values = curves.iter().flat_map(|c| c.points.iter().map(|p| p.1)).filter(|v| v.is_finite() && *v > 0.0);
     let (low, high) = values.fold((bound.log10(), bound.log10()), |(l, h), v| (l.min(v.log10()), h.max(v.log10())));
+    // A collapsed model's perplexity can reach 10^100 and more, which would flatten every other curve: the axis stops
+    // CLIP_DECADES above the collapse bound and higher values are drawn on its top edge as triangles.
+    let ceiling = bound.log10() + CLIP_DECADES;
+    let clipped = high > ceiling;
+    let high = high.min(ceiling);
     let y_range = (low - 0.1)..(high + 0.1);
     let max_edits = curves.iter().flat_map(|c| c.points.iter().map(|p| p.0)).max().unwrap_or(1).max(1);
     let width = 560 * panels.len() as u32;
@@ -113,7 +121,11 @@ pub fn write_curves_svg(curves: &[Curve], bound: f64, path: &Path) -> Result<()>
             chart
                 .configure_mesh()
                 .x_desc("edits applied (kept)")
-                .y_desc("log10 mean perplexity")
+                .y_desc(if clipped {
+                    format!("log10 mean perplexity (▲: above 10^{ceiling:.1}, drawn at the top)")
+                } else {
+                    "log10 mean perplexity".to_string()
+                })
                 .draw()
                 .map_err(|x| e(&x))?;
             let line = vec![(0.0, bound.log10()), (max_edits as f64, bound.log10())];
@@ -130,14 +142,19 @@ pub fn write_curves_svg(curves: &[Curve], bound: f64, path: &Path) -> Result<()>
                     .filter(|p| p.1.is_finite() && p.1 > 0.0)
                     .map(|p| (p.0 as f64, p.1.log10()))
                     .collect();
+                let shown: Vec<(f64, f64)> = series.iter().map(|&(x, y)| (x, y.min(ceiling))).collect();
                 chart
-                    .draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))
+                    .draw_series(LineSeries::new(shown.clone(), colour.stroke_width(2)))
                     .map_err(|x| e(&x))?
                     .label(curve.method.clone())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
-                chart.draw_series(series.into_iter().map(|p| Circle::new(p, 3, colour.filled()))).map_err(|x| e(&x))?;
+                let (over, under): (Vec<_>, Vec<_>) = shown.into_iter().partition(|p| p.1 >= ceiling);
+                chart.draw_series(under.into_iter().map(|p| Circle::new(p, 3, colour.filled()))).map_err(|x| e(&x))?;
+                chart
+                    .draw_series(over.into_iter().map(|p| TriangleMarker::new(p, 5, colour.filled())))
+                    .map_err(|x| e(&x))?;
             }
-            draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+            draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
         }
         Ok(())
     })

@@ -296,10 +296,12 @@ fn main() -> Result<()> {
             let thresholds =
                 editguard::harness::thresholds::resolve(&context.registry, &first.model, &suite.thresholds)?;
             let (bound, _) = editguard::harness::verdict::collapse_bound(&thresholds, first.points[0].1);
-            println!("{:<28} {:<10} {:>6} {:>12}  outcome", "suite", "method", "edits", "last ppl");
+            let width = curves.iter().map(|c| c.suite.len()).max().unwrap_or(5).max(5);
+            println!("{:<width$} {:<10} {:>6} {:>12}  outcome", "suite", "method", "edits", "last ppl");
             for curve in &curves {
                 let (edits, ppl) = curve.points.last().copied().unwrap_or((0, f64::NAN));
-                println!("{:<28} {:<10} {edits:>6} {ppl:>12.1}  {}", curve.suite, curve.method, curve.outcome);
+                let ppl = if ppl.abs() < 1e6 { format!("{ppl:.1}") } else { format!("{ppl:.3e}") };
+                println!("{:<width$} {:<10} {edits:>6} {ppl:>12}  {}", curve.suite, curve.method, curve.outcome);
             }
             editguard::harness::curves::write_curves_svg(&curves, bound, &out)?;
             println!("plot: {}", out.display());
