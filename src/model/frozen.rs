@@ -13,6 +13,14 @@ pub fn matmul_frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.apply_op1(InputGradientOnly { value, weight: w.detach() })
 }
 
+/// The input gradient `g · W` of `x · Wᵀ`, on the worker pool when the operands qualify.
+pub(crate) fn input_gradient(grad: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match super::cpu_matmul::try_matmul_weight(grad, w)? {
+        Some(gradient) => Ok(gradient),
+        None => grad.matmul(w),
+    }
+}
+
 /// A custom op's forward value computed beforehand, handed to candle as the op's CPU storage.
 pub(crate) fn precomputed_storage(value: &Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
     let flat = value.flatten_all()?;
@@ -54,10 +62,7 @@ impl CustomOp1 for InputGradientOnly {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        match super::cpu_matmul::try_matmul_weight(grad_res, &self.weight)? {
-            Some(gradient) => Ok(Some(gradient)),
-            None => Ok(Some(grad_res.matmul(&self.weight)?)),
-        }
+        Ok(Some(input_gradient(grad_res, &self.weight)?))
     }
 }
 

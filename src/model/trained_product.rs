@@ -28,10 +28,7 @@ impl CustomOp2 for TrainedWeightProduct {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (x, w, grad) = (x.detach(), w.detach(), grad.detach());
-        let input_gradient = match super::cpu_matmul::try_matmul_weight(&grad, &w)? {
-            Some(gradient) => gradient,
-            None => grad.matmul(&w)?,
-        };
+        let input_gradient = super::frozen::input_gradient(&grad, &w)?;
         let weight_gradient = grad.t()?.contiguous()?.matmul(&x.contiguous()?)?;
         Ok((Some(input_gradient), Some(weight_gradient)))
     }

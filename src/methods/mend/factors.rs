@@ -122,9 +122,14 @@ fn edited_layers(weights: &[WeightId]) -> Result<(usize, Vec<usize>)> {
     Ok((lowest, layers))
 }
 
+/// The lowest layer holding one of `weights` (an error when one is not an MLP weight or there is none).
+pub fn lowest_edited_layer(weights: &[WeightId]) -> Result<usize> {
+    Ok(edited_layers(weights)?.0)
+}
+
 /// The hidden state entering the lowest edited layer of `weights` (the fast path: nothing below it is differentiated).
 pub fn below_edited(model: &LoadedModel, batch: &PackedBatch, weights: &[WeightId]) -> Result<Tensor> {
-    let (lowest, _) = edited_layers(weights)?;
+    let lowest = lowest_edited_layer(weights)?;
     model.run_layers(model.embed(batch)?, batch, 0..lowest, &NoHooks, Path::Fast)
 }
 

@@ -30,7 +30,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::editor::{Editor, EditorShape};
-use super::factors::{TargetBatch, below_edited, factors_above, mean_nll, target_batch};
+use super::factors::{TargetBatch, below_edited, factors_above, lowest_edited_layer, mean_nll, target_batch};
 use super::{EditLossPrompt, LocalityFrom, MendParams};
 use crate::data::counterfact::{EditDataset, seeded_order};
 use crate::error::{Error, Result, ensure_finite};
@@ -194,7 +194,7 @@ pub fn edit_step(
     let pre_logits = model.logits_at(&unedited, &batch.packing, &loc.0, Path::Differentiable)?;
     let pre = candle_nn::ops::log_softmax(&pre_logits, D::Minus1)?;
     lap("factors");
-    let lowest = weights.iter().filter_map(|w| w.mlp().map(|(_, l)| l)).min().unwrap_or(0);
+    let lowest = lowest_edited_layer(weights)?;
     let mut backups: Vec<WeightBackup> = Vec::new();
     let result = (|| -> Result<(Tensor, Tensor, Tensor)> {
         let updates = editor.updates(&factors.pairs(), training)?;
