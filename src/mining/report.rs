@@ -98,12 +98,16 @@ fn feature_lines(records: &[&JournalEntry], collapsed: &dyn Fn(&JournalEntry) ->
     out
 }
 
+/// True when `entry` was edited and its edit collapsed the model (a record the screen skipped counts as held).
+fn collapsed(entry: &JournalEntry) -> bool {
+    entry.measured.as_ref().is_some_and(|m| m.collapsed)
+}
+
 /// The text summary of a journal's entries; `rule` is the screen rule to evaluate, if any.
 pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&ScreenRule>) -> String {
     let mut out = String::new();
     let all_edited: Vec<&JournalEntry> = entries.iter().filter(|e| e.status == EntryStatus::Edited).collect();
     let measured = |e: &&JournalEntry| e.measured.clone().expect("edited entries are measured");
-    let collapsed = |e: &&JournalEntry| measured(e).collapsed;
     let with_rule =
         |prefix: &str| all_edited.iter().filter(|e| e.rule.as_deref().is_some_and(|r| r.starts_with(prefix))).count();
     // Rates, distributions and features are measured on the records edited without a screen: a random sample.
@@ -196,8 +200,7 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
         }
     }
     let _ = writeln!(out, "\nfeatures (collapse rate among the records edited without a screen):");
-    let is_collapse = |e: &JournalEntry| e.measured.as_ref().is_some_and(|m| m.collapsed);
-    out.push_str(&feature_lines(&edited, &is_collapse));
+    out.push_str(&feature_lines(&edited, &collapsed));
     let screened: Vec<&JournalEntry> = entries.iter().filter(|e| e.status != EntryStatus::Failed).collect();
     if screened.len() > edited.len() {
         let _ = writeln!(
@@ -205,7 +208,7 @@ pub fn summary(settings: &MineSettings, entries: &[JournalEntry], rule: Option<&
             "features over all {} records, those the screen skipped counted as held (see the audit below):",
             screened.len()
         );
-        out.push_str(&feature_lines(&screened, &is_collapse));
+        out.push_str(&feature_lines(&screened, &collapsed));
     }
     let signal = |e: &JournalEntry, name: &str| e.signals.as_ref().and_then(|s| s.get(name));
     let names: std::collections::BTreeSet<String> =
