@@ -7,6 +7,7 @@
 //! one row in [`METHODS`].
 
 pub mod ft;
+pub mod fused_adam;
 pub mod held_out;
 pub mod kn;
 pub mod linalg;

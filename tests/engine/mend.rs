@@ -1,7 +1,7 @@
-//! MEND on the tiny models: the captured factors are the weight gradient, the identity-initialised transform updates
+//! MEND on the tiny models and the default model: the captured factors are the weight gradient, the identity-initialised transform updates
 //! every weight by `α · Σ δ̂ ûᵀ` of its captured factors normalised with the statistics of its shape group (checked
 //! against a two-pass mean and variance), a training step lowers the loss on a fixed example, and the editor cache
-//! keys, writes and refuses files as it should.
+//! keys, writes and refuses files as it should; the default model's trained editor edits held-out records.
 
 use candle_core::{D, DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -268,4 +268,29 @@ fn training_examples_take_locality_probes_from_other_records_of_the_same_relatio
     // The same seed draws the same examples.
     let (again, _) = editguard::methods::mend::train::examples(&params, None).unwrap();
     assert!(again.iter().zip(&train).all(|(a, b)| a.edit.id == b.edit.id && a.loc == b.loc));
+}
+
+/// The default model's trained editor (read from the cache, or trained now with the registry's configuration, as the
+/// harness would) on the first 50 held-out records of COUNTERFACT's edit split, single edits: the edits take and stay
+/// small. The bounds are below what was measured, so a broken editor, cache or transform fails here.
+#[test]
+fn the_trained_editor_edits_held_out_records_of_the_real_model() {
+    use editguard::methods::held_out::held_out_quality;
+    use editguard::methods::{EditEnv, build_method};
+    let mut model = crate::support::default_model_owned();
+    let method = build_method(&crate::support::registry(), "smollm2-135m", "mend").unwrap();
+    let env = EditEnv::default();
+    method.prepare(&mut model, &env).unwrap();
+    let quality = held_out_quality(&mut model, method.as_ref(), 50, 0, &env, &mut |_, _| {}).unwrap();
+    eprintln!("mend held-out quality: {quality:?}");
+    assert!(model.is_pristine(), "every edit was undone");
+    // Measured with the default editor (2026-12-02): efficacy 0.92, generalisation 0.78, locality 0.83, ‖ΔW‖/‖W‖
+    // 0.017. The efficacy bound is the aim; the others sit a few records below what was measured.
+    const HELD_OUT_EFFICACY: f64 = 0.8;
+    const HELD_OUT_GENERALIZATION: f64 = 0.7;
+    const HELD_OUT_LOCALITY: f64 = 0.75;
+    assert!(quality.efficacy >= HELD_OUT_EFFICACY, "efficacy {:.3}", quality.efficacy);
+    assert!(quality.generalization >= HELD_OUT_GENERALIZATION, "generalisation {:.3}", quality.generalization);
+    assert!(quality.locality >= HELD_OUT_LOCALITY, "locality {:.3}", quality.locality);
+    assert!(quality.relative_norm > 0.0 && quality.relative_norm < 0.1, "‖ΔW‖/‖W‖ {:.4}", quality.relative_norm);
 }

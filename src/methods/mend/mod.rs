@@ -12,6 +12,7 @@
 //! (Llama: gate, up and down), `transformer.h.45.mlp.c_fc.weight` (GPT-2: `c_fc`, `c_proj`),
 //! `transformer.h.25.mlp.fc_in.weight` (GPT-J: `fc_in`, `fc_out`).
 
+pub mod accumulate;
 pub mod curve;
 pub mod editor;
 pub mod factors;

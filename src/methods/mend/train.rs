@@ -25,15 +25,16 @@ use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::accumulate::Accumulator;
 use super::editor::{Editor, EditorShape};
 use super::factors::{TargetBatch, below_edited, factors_above, lowest_edited_layer, mean_nll, target_batch};
 use super::{EditLossPrompt, LocalityFrom, MendParams};
 use crate::data::counterfact::{EditDataset, seeded_order};
 use crate::error::{Error, Result, ensure_finite};
+use crate::methods::fused_adam::{AdamParams, FusedAdam};
 use crate::methods::request::{EditRequest, LocalityProbe};
 use crate::metrics::edit_quality::score_continuations;
 use crate::model::{LoadedModel, NoHooks, Path, Site, WeightBackup, WeightId};
@@ -302,56 +303,6 @@ pub fn editor_shape(model: &LoadedModel, params: &MendParams, weights: &[WeightI
     })
 }
 
-/// Sums gradients of the parameters over steps.
-struct Accumulator {
-    sums: Vec<Option<Tensor>>,
-}
-
-impl Accumulator {
-    fn add(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
-        for (sum, var) in self.sums.iter_mut().zip(vars) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.detach();
-                *sum = Some(match sum.take() {
-                    Some(s) => (s + g)?,
-                    None => g,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// The mean of the accumulated gradients over `steps`, clipped to `clip` (global norm), as a store for the
-    /// optimisers; empties itself.
-    fn take_clipped(&mut self, vars: &[Var], steps: usize, clip: f64) -> Result<GradStore> {
-        let mut norm = 0.0;
-        for g in self.sums.iter().flatten() {
-            norm += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
-        let norm = norm.sqrt() / steps.max(1) as f64;
-        let scale = if norm > clip { clip / norm } else { 1.0 } / steps.max(1) as f64;
-        let mut store = GradStore::default();
-        for (sum, var) in self.sums.iter_mut().zip(vars) {
-            if let Some(g) = sum.take() {
-                store.insert(var.as_tensor(), (g * scale)?);
-            }
-        }
-        Ok(store)
-    }
-}
-
-fn all_finite(vars: &[Var], grads: &GradStore) -> Result<bool> {
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let total = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !total.is_finite() {
-                return Ok(false);
-            }
-        }
-    }
-    Ok(true)
-}
-
 /// Trains an editor for `weights` of `model` (which must be unedited; it is restored after every step).
 pub fn train(
     model: &mut LoadedModel,
@@ -370,10 +321,9 @@ pub fn train(
     let transform_vars = editor.transform_vars();
     let lr_vars = vec![editor.edit_lrs.clone()];
     let all_vars: Vec<Var> = transform_vars.iter().chain(&lr_vars).cloned().collect();
-    let adam = |lr: f64| ParamsAdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut optimizer = AdamW::new(transform_vars, adam(params.lr))?;
-    let mut lr_optimizer = AdamW::new(lr_vars, adam(params.lr_lr))?;
-    let mut accumulator = Accumulator { sums: vec![None; all_vars.len()] };
+    let mut optimizer = FusedAdam::new(transform_vars, AdamParams::with_lr(params.lr))?;
+    let mut lr_optimizer = FusedAdam::new(lr_vars, AdamParams::with_lr(params.lr_lr))?;
+    let mut accumulator = Accumulator::new(all_vars.len());
     let mut report = TrainingReport {
         steps: 0,
         optimizer_steps: 0,
@@ -391,8 +341,7 @@ pub fn train(
         let example = &train_set[step % train_set.len()];
         let (losses, grads) = edit_step(model, &editor, weights, example, params, true)?;
         let grads = grads.expect("training steps return gradients");
-        if losses.edit.is_finite() && losses.loc.is_finite() && all_finite(&all_vars, &grads)? {
-            accumulator.add(&all_vars, &grads)?;
+        if losses.edit.is_finite() && losses.loc.is_finite() && accumulator.add(&all_vars, &grads)? {
             edit_sum += losses.edit;
             loc_sum += losses.loc;
             since += 1;
