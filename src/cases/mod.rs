@@ -85,6 +85,10 @@ pub enum Outcome {
     Collapse,
     /// A combination known not to take: the test passes only if the edit does not take and nothing collapses.
     Ineffective,
+    /// General abilities fall without a collapse (Gu et al.'s finding): the test passes only if at least one asserted
+    /// task score falls more than `task_tolerance` below its baseline and perplexity stays under the collapse bound.
+    /// Whether the edit takes is left to the snapshot.
+    Degrade,
 }
 
 impl Outcome {
@@ -94,6 +98,7 @@ impl Outcome {
             Outcome::Hold => "hold",
             Outcome::Collapse => "collapse",
             Outcome::Ineffective => "ineffective",
+            Outcome::Degrade => "degrade",
         }
     }
 }

@@ -163,6 +163,15 @@ pub fn meets(findings: &[Finding], expected: Outcome) -> Result<(), String> {
             _ => None,
         })
         .collect();
+    if expected == Outcome::Degrade {
+        return match (collapse, drops.is_empty()) {
+            (Some(Finding::Collapse { edits, .. }), _) => {
+                Err(format!("expected task scores to fall, but the model COLLAPSED at edit {edits}"))
+            }
+            (_, true) => Err("expected a task score to fall, but every asserted task held".to_string()),
+            _ => Ok(()),
+        };
+    }
     if !drops.is_empty() && expected != Outcome::Collapse {
         return Err(format!("TASK SCORE DROP: {}", drops.join("; ")));
     }
@@ -178,6 +187,7 @@ pub fn meets(findings: &[Finding], expected: Outcome) -> Result<(), String> {
         }
         (Outcome::Ineffective, _, None) => Err("expected the edit not to take, but it took".to_string()),
         (_, Some(_), _) => unreachable!("collapse findings are handled above"),
+        (Outcome::Degrade, ..) => unreachable!("degradation is judged above"),
     }
 }
 
@@ -353,6 +363,11 @@ mod tests {
         );
         assert!(meets(std::slice::from_ref(&drop), Outcome::Ineffective).is_err());
         assert!(meets(std::slice::from_ref(&drop), Outcome::Collapse).is_err(), "a collapse must still be found");
+        // An expected degradation needs a drop and no collapse.
+        assert!(meets(std::slice::from_ref(&drop), Outcome::Degrade).is_ok());
+        assert!(meets(&[], Outcome::Degrade).unwrap_err().contains("every asserted task held"));
+        let collapse = Finding::Collapse { value: 5e3, bound: 1e3, rule: "collapse_ppl".into(), edits: 1 };
+        assert!(meets(&[drop.clone(), collapse], Outcome::Degrade).unwrap_err().contains("COLLAPSED"));
         let tasks = [check(0.52)];
         let context = DiagnosisContext {
             test: "single::rome::m::s::c",
