@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::model::fast_exp::{cpu_f32_values, with_cpu_f32};
+use crate::model::fast_exp::{with_cpu_f32, with_f32_values};
 
 /// Adam's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,22 +63,25 @@ impl FusedAdam {
         let (lr, eps) = (lr as f32, eps as f32);
         for (var, (m, v)) in self.vars.iter().zip(&mut self.moments) {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let g = cpu_f32_values(g)?;
-            if g.len() != m.len() {
-                return Err(Error::invalid("(adam)", "gradient", format!("{} elements for {}", g.len(), m.len())));
+            if g.elem_count() != m.len() {
+                return Err(Error::invalid(
+                    "(adam)",
+                    "gradient",
+                    format!("{} elements for {}", g.elem_count(), m.len()),
+                ));
             }
-            let update = |theta: &[f32]| -> Vec<f32> {
+            let mut update = |g: &[f32], theta: &[f32]| -> Vec<f32> {
                 let mut next = Vec::with_capacity(theta.len());
-                for (((&t, &g), m), v) in theta.iter().zip(&g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                for (((&t, &g), m), v) in theta.iter().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                     *m = b1 * *m + c1 * g;
                     *v = b2 * *v + c2 * g * g;
                     next.push(t - lr * (*m * m_scale) / ((*v * v_scale).sqrt() + eps));
                 }
                 next
             };
-            let next = match with_cpu_f32(var.as_tensor(), update) {
-                Some(next) => next,
-                None => return Err(Error::invalid("(adam)", "parameter", "a contiguous f32 CPU tensor expected")),
+            let next = with_f32_values(g, |g| with_cpu_f32(var.as_tensor(), |theta| update(g, theta)))?;
+            let Some(next) = next else {
+                return Err(Error::invalid("(adam)", "parameter", "a contiguous f32 CPU tensor expected"));
             };
             var.set(&Tensor::from_vec(next, var.shape(), var.device())?)?;
         }

@@ -101,6 +101,17 @@ pub fn with_cpu_f32<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R
     }
 }
 
+/// Calls `f` with the elements of `tensor` as contiguous `f32`s: in place for a contiguous f32 CPU tensor, from a
+/// converted copy for any other dtype, layout or device.
+pub fn with_f32_values<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let mut f = Some(f);
+    if let Some(r) = with_cpu_f32(tensor, |values| (f.take().expect("called once"))(values)) {
+        return Ok(r);
+    }
+    let values = tensor.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((f.take().expect("not called yet"))(&values))
+}
+
 /// The elements of an `f32` CPU tensor (any layout) as one vector; an error for any other tensor.
 pub fn cpu_f32_values(tensor: &Tensor) -> Result<Vec<f32>> {
     let tensor = tensor.contiguous()?;

@@ -1,7 +1,8 @@
-//! MEND on the tiny models and the default model: the captured factors are the weight gradient, the identity-initialised transform updates
-//! every weight by `α · Σ δ̂ ûᵀ` of its captured factors normalised with the statistics of its shape group (checked
-//! against a two-pass mean and variance), a training step lowers the loss on a fixed example, and the editor cache
-//! keys, writes and refuses files as it should; the default model's trained editor edits held-out records.
+//! MEND on the tiny models and the default model: the captured factors are the weight gradient, the
+//! identity-initialised transform updates every weight by `α · Σ δ̂ ûᵀ` of its captured factors normalised with the
+//! statistics of its shape group (checked against a two-pass mean and variance), a training step lowers the loss on a
+//! fixed example, the editor cache keys, writes and refuses files as it should, and the default model's trained
+//! editor edits held-out records.
 
 use candle_core::{D, DType, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};

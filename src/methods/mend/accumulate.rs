@@ -6,25 +6,14 @@
 //! with a non-finite element is refused whole before anything is added, so a skipped edit leaves the sums untouched.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Shape, Tensor, Var};
+use candle_core::{Shape, Tensor, Var};
 
 use crate::error::Result;
-use crate::model::fast_exp::with_cpu_f32;
+use crate::model::fast_exp::with_f32_values as with_values;
 
 /// Running sums of the gradients of a list of parameters.
 pub struct Accumulator {
     sums: Vec<Option<(Vec<f32>, Shape)>>,
-}
-
-/// Calls `f` with the gradient's elements as contiguous `f32`s, copying only when the tensor is not already such a
-/// CPU tensor.
-fn with_values<R>(gradient: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let mut f = Some(f);
-    if let Some(r) = with_cpu_f32(gradient, |values| (f.take().expect("called once"))(values)) {
-        return Ok(r);
-    }
-    let values = gradient.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok((f.take().expect("not called yet"))(&values))
 }
 
 impl Accumulator {
@@ -75,7 +64,7 @@ impl Accumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn grads_of(vars: &[Var], values: &[&[f32]]) -> GradStore {
         let mut store = GradStore::default();
