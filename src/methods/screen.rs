@@ -102,11 +102,11 @@ pub fn request_signals(model: &LoadedModel, request: &EditRequest) -> Result<Scr
     let mut signals = ScreenSignals::default();
     let (prefix, _) = request.prompt.split_once("{}").unwrap_or(("", ""));
     let bare = SubjectPrompt::new(model, &request.prompt, &request.subject)?;
-    let before_subject = if prefix.is_empty() { 0 } else { model.encode(prefix.trim_end())?.len() };
+    let before_subject = model.encode(prefix.trim_end())?.len();
     signals.set("subject_start", f64::from(u8::from(prefix.trim().is_empty())));
     signals.set("subject_tokens", (bare.subject_last + 1).saturating_sub(before_subject).max(1) as f64);
     let target = format!(" {}", request.target_new.trim());
-    signals.set("target_tokens", model.encode(&target)?.len() as f64);
+    signals.set("target_tokens", model.encode_continuation(&target)?.len() as f64);
     let scored = score_continuations(model, &[(request.prompt_text(), target)])?;
     signals.set("target_nll", scored.first().map(|s| s.mean_nll).unwrap_or(f64::NAN));
     Ok(signals)

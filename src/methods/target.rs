@@ -92,7 +92,7 @@ pub fn contextualise(template: &str, prompt: &str) -> String {
 }
 
 fn rewriting_batch(model: &LoadedModel, request: &EditRequest, templates: &[String]) -> Result<RewritingBatch> {
-    let target = model.encode(&format!(" {}", request.target_new.trim()))?;
+    let target = model.encode_continuation(&format!(" {}", request.target_new.trim()))?;
     if target.is_empty() {
         return Err(Error::invalid(format!("request {}", request.id), "target_new", "tokenises to nothing"));
     }

@@ -35,7 +35,7 @@ pub fn score_continuations(model: &LoadedModel, pairs: &[(String, String)]) -> R
     let mut target_spans = Vec::with_capacity(pairs.len());
     for (prompt, continuation) in pairs {
         let mut ids = model.encode(prompt)?;
-        let target = model.encode(continuation)?;
+        let target = model.encode_continuation(continuation)?;
         target_spans.push((ids.len(), target.clone()));
         ids.extend_from_slice(&target);
         sequences.push(ids);

@@ -24,7 +24,7 @@ pub fn packed_causal_attention(
     shape: AttentionShape,
     rotary: Option<&Rotary>,
 ) -> Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
     let rows = packing.rows();
     let read = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
     let (mut q_values, mut k_values, v_values) = (read(q)?, read(k)?, read(v)?);
@@ -82,10 +82,9 @@ impl Kernel<'_> {
     /// Attention for consecutive sequences starting at packed row `offset`, written into `out` (their rows only).
     #[inline(always)]
     fn sequences(&self, offset: usize, lengths: &[usize], out: &mut [f32]) {
-        let AttentionShape { heads, kv_heads, head_dim } = self.shape;
+        let AttentionShape { heads, kv_heads, head_dim, scale, .. } = self.shape;
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let group = heads / kv_heads;
-        let scale = 1.0 / (head_dim as f32).sqrt();
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let mut weights = vec![0f32; longest];
         let mut first_row = offset;
@@ -94,21 +93,23 @@ impl Kernel<'_> {
             for head in 0..heads {
                 let kv_column = (head / group) * head_dim;
                 for i in 0..length {
+                    // Keys outside a sliding window are skipped, not masked: the loops start at the first visible.
+                    let first = self.shape.first_visible(i);
                     let query = &self.q[(first_row + i) * q_width + head * head_dim..][..head_dim];
                     let mut max = f32::NEG_INFINITY;
-                    for (j, weight) in weights[..=i].iter_mut().enumerate() {
+                    for (j, weight) in (first..=i).zip(weights[first..=i].iter_mut()) {
                         let key = &self.k[(first_row + j) * kv_width + kv_column..][..head_dim];
                         *weight = dot(query, key) * scale;
                         max = max.max(*weight);
                     }
                     let mut total = 0f32;
-                    for weight in weights[..=i].iter_mut() {
+                    for weight in weights[first..=i].iter_mut() {
                         *weight = exp_f32(*weight - max);
                         total += *weight;
                     }
                     let target = &mut out[(local_row + i) * q_width + head * head_dim..][..head_dim];
                     target.fill(0.0);
-                    for (j, &weight) in weights[..=i].iter().enumerate() {
+                    for (j, &weight) in (first..=i).zip(weights[first..=i].iter()) {
                         let value = &self.v[(first_row + j) * kv_width + kv_column..][..head_dim];
                         let p = weight / total;
                         for (t, &x) in target.iter_mut().zip(value) {
@@ -150,5 +151,25 @@ mod tests {
             assert_eq!(pair[0].1, pair[1].0);
         }
         assert_eq!(share_out(&[4], 8), vec![(0, 1)]);
+    }
+
+    #[test]
+    fn the_kernel_matches_composed_attention_with_and_without_a_window() {
+        use crate::model::layers::{Path, RotaryLayout, causal_attention};
+        use candle_core::Device;
+        let device = Device::Cpu;
+        let rotary = Rotary::new(8, 10_000.0, 64, RotaryLayout::HalfSplit, DType::F32, &device).unwrap();
+        let packing = Packing::new(&[5, 9, 1], &device).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (15, 32), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (15, 16), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (15, 16), &device).unwrap();
+        for window in [None, Some(1), Some(3), Some(9)] {
+            let shape = AttentionShape::new(4, 2, 8).with_window(window).with_scale(0.3);
+            let ours = packed_causal_attention(&q, &k, &v, &packing, shape, Some(&rotary)).unwrap();
+            let composed = causal_attention(&q, &k, &v, &packing, shape, Some(&rotary), Path::Differentiable).unwrap();
+            let difference =
+                (ours - composed).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>();
+            assert!(difference.unwrap() < 1e-5, "window {window:?}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use super::attention_cpu::dot;
 use super::fast_exp::{exp_f32, with_simd};
 use super::layers::{AttentionShape, Rotary};
 use super::packing::Packing;
-use super::prefix::KvRecorder;
+use super::prefix::{KvRecorder, LayerLayouts};
 use crate::error::{Error, Result};
 
 /// Packed key rows (rotated) and value rows, `kv_heads·head_dim` values each.
@@ -39,22 +39,18 @@ impl SharedPrefix {
     }
 
     /// The prefix recorded by a [`KvMode::Record`](super::KvMode::Record) pass over one sequence of `rows` tokens.
-    pub fn recorded(
-        recorder: KvRecorder,
-        rows: usize,
-        layers: usize,
-        shape: AttentionShape,
-        rotary: Option<&Rotary>,
-    ) -> Result<Arc<Self>> {
-        let mut result = vec![KvRows::default(); layers];
+    pub fn recorded(recorder: KvRecorder, rows: usize, layouts: &LayerLayouts) -> Result<Arc<Self>> {
+        let mut result = vec![KvRows::default(); layouts.len()];
         let positions: Vec<usize> = (0..rows).collect();
         for (layer, k, v) in recorder.into_layers()? {
+            let (slot, (shape, rotary)) = result
+                .get_mut(layer)
+                .zip(layouts.get(layer))
+                .ok_or_else(|| Error::invalid("(decode cache)", "layer", "out of range"))?;
             let mut k = host_values(&k)?;
             if let Some(rotary) = rotary {
                 rotary.rotate_packed(&mut k, shape.kv_heads, shape.head_dim, &positions);
             }
-            let slot =
-                result.get_mut(layer).ok_or_else(|| Error::invalid("(decode cache)", "layer", "out of range"))?;
             *slot = KvRows { keys: k, values: host_values(&v)? };
         }
         Ok(Arc::new(SharedPrefix { rows, layers: result }))
@@ -68,7 +64,6 @@ impl SharedPrefix {
 
 /// The growing keys and values of a batch of sequences being decoded.
 pub struct DecodeCache {
-    shape: AttentionShape,
     shared: Arc<SharedPrefix>,
     /// Per layer, per sequence: its own keys (rotated) and values so far.
     own: Vec<Mutex<Vec<KvRows>>>,
@@ -76,9 +71,9 @@ pub struct DecodeCache {
 
 impl DecodeCache {
     /// An empty cache for `sequences` sequences continuing `shared`.
-    pub fn new(shared: Arc<SharedPrefix>, sequences: usize, shape: AttentionShape) -> Self {
+    pub fn new(shared: Arc<SharedPrefix>, sequences: usize) -> Self {
         let own = (0..shared.layers.len()).map(|_| Mutex::new(vec![KvRows::default(); sequences])).collect();
-        DecodeCache { shape, shared, own }
+        DecodeCache { shared, own }
     }
 
     /// Drops the sequences whose `keep` flag is false (finished ones); later passes hold the kept ones, in order.
@@ -101,6 +96,7 @@ fn host_values(t: &Tensor) -> Result<Vec<f32>> {
 
 /// Attention of the batch's new tokens over the shared prefix, their sequence's cached tokens and themselves;
 /// appends the new keys and values to the cache.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     layer: usize,
     q: &Tensor,
@@ -108,9 +104,10 @@ pub fn decode_attention(
     v: &Tensor,
     packing: &Packing,
     cache: &DecodeCache,
+    shape: AttentionShape,
     rotary: Option<&Rotary>,
 ) -> Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim } = cache.shape;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
     let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     let mut own = cache
         .own
@@ -164,7 +161,7 @@ pub fn decode_attention(
                     let query = &queries[(query_row + i) * q_width..][..q_width];
                     let target = &mut mine[(query_row + i) * q_width..][..q_width];
                     let parts = [shared, rows];
-                    attend(query, &parts, visible_before + i + 1, cache.shape, &mut weights, target);
+                    attend(query, &parts, visible_before + i + 1, shape, &mut weights, target);
                 }
                 query_row += length;
             }
@@ -173,8 +170,9 @@ pub fn decode_attention(
     Ok(Tensor::from_vec(out, (packing.rows(), q_width), q.device())?.to_dtype(q.dtype())?)
 }
 
-/// One query's attention over the first `visible` rows of the concatenated `parts`, written into `target`. Key and
-/// value rows are read once each for all heads, in memory order.
+/// One query's attention over the rows it sees among the first `visible` rows of the concatenated `parts` (all of
+/// them, or the last `window` under a sliding window: earlier rows are skipped, not masked), written into `target`.
+/// Key and value rows are read once each for all heads, in memory order.
 #[inline(always)]
 fn attend(
     query: &[f32],
@@ -184,28 +182,34 @@ fn attend(
     weights: &mut Vec<f32>,
     target: &mut [f32],
 ) {
-    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, scale, .. } = shape;
     let kv_width = kv_heads * head_dim;
     let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let first = shape.first_visible(visible - 1);
+    let seen = visible - first;
     weights.clear();
-    weights.resize(heads * visible, 0.0);
-    let rows_of = |part: &KvRows, start: usize| (part.keys.len() / kv_width).min(visible - start);
+    weights.resize(heads * seen, 0.0);
+    // The rows of each part that are seen, as (part, its first global row, local rows).
+    let mut spans = Vec::with_capacity(parts.len());
     let mut start = 0;
     for part in parts {
-        let rows = rows_of(part, start);
-        for r in 0..rows {
+        let rows = (part.keys.len() / kv_width).min(visible - start);
+        let local = first.saturating_sub(start).min(rows)..rows;
+        spans.push((*part, start, local));
+        start += rows;
+    }
+    for (part, start, local) in &spans {
+        for r in local.clone() {
             let key = &part.keys[r * kv_width..][..kv_width];
             for head in 0..heads {
                 let column = (head / group) * head_dim;
-                weights[head * visible + start + r] =
+                weights[head * seen + start + r - first] =
                     dot(&query[head * head_dim..][..head_dim], &key[column..][..head_dim]) * scale;
             }
         }
-        start += rows;
     }
     for head in 0..heads {
-        let row = &mut weights[head * visible..][..visible];
+        let row = &mut weights[head * seen..][..seen];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0f32;
         for weight in row.iter_mut() {
@@ -216,19 +220,16 @@ fn attend(
         row.iter_mut().for_each(|w| *w *= inverse);
     }
     target.fill(0.0);
-    let mut start = 0;
-    for part in parts {
-        let rows = rows_of(part, start);
-        for r in 0..rows {
+    for (part, start, local) in &spans {
+        for r in local.clone() {
             let value = &part.values[r * kv_width..][..kv_width];
             for head in 0..heads {
                 let column = (head / group) * head_dim;
-                let p = weights[head * visible + start + r];
+                let p = weights[head * seen + start + r - first];
                 for (t, &x) in target[head * head_dim..][..head_dim].iter_mut().zip(&value[column..][..head_dim]) {
                     *t += p * x;
                 }
             }
         }
-        start += rows;
     }
 }

@@ -123,34 +123,6 @@ pub fn cpu_f32_values(tensor: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-/// The SwiGLU product `silu(gate) · up` of a stacked `(rows, 2·width)` projection `[gate | up]`, for the fast
-/// (no-gradient) path on the CPU; other devices and dtypes use candle's composed operations.
-pub fn silu_mul_fast(gate_up: &Tensor, width: usize) -> Result<Tensor> {
-    let gate_up = gate_up.contiguous()?;
-    let rows = gate_up.dim(0)?;
-    let computed = with_cpu_f32(&gate_up, |values| {
-        let mut out = vec![0f32; rows * width];
-        let rows_per_thread = rows.div_ceil(crate::model::workers::threads()).max(1);
-        let pieces: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_thread * width).enumerate().collect();
-        crate::model::workers::for_each_item(pieces, |(index, target)| {
-            let source = &values[index * rows_per_thread * 2 * width..];
-            with_simd(|| {
-                for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {
-                    let (gate, up) = row_in.split_at(width);
-                    for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
-                        *y = g / (1.0 + exp_f32(-g)) * u;
-                    }
-                }
-            })
-        });
-        out
-    });
-    match computed {
-        Some(out) => Tensor::from_vec(out, (rows, width), gate_up.device()),
-        None => candle_nn::ops::silu(&gate_up.narrow(1, 0, width)?)? * gate_up.narrow(1, width, width)?,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,18 +139,5 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst:e}");
         assert_eq!(exp_f32(-1000.0), exp_f32(-87.0));
-    }
-
-    #[test]
-    fn silu_mul_matches_candle() {
-        let device = candle_core::Device::Cpu;
-        let gate_up =
-            Tensor::arange(-24f32, 24.0, &device).unwrap().affine(0.37, 0.01).unwrap().reshape((3, 16)).unwrap();
-        let ours = silu_mul_fast(&gate_up, 8).unwrap().to_vec2::<f32>().unwrap();
-        let silu = candle_nn::ops::silu(&gate_up.narrow(1, 0, 8).unwrap()).unwrap();
-        let theirs = (silu * gate_up.narrow(1, 8, 8).unwrap()).unwrap().to_vec2::<f32>().unwrap();
-        for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
-        }
     }
 }

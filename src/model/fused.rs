@@ -1,4 +1,4 @@
-//! Differentiable RMS norm and SwiGLU as single operations with hand-written backward passes (CPU, `f32`).
+//! Differentiable RMS norm and gated MLP products (SwiGLU, GeGLU) as single operations with hand-written backward passes (CPU, `f32`).
 //!
 //! The differentiable path composes these from candle's elementary operations so that gradients flow: six nodes for an
 //! RMS norm (square, mean, add ε, square root, divide, scale), four for SwiGLU (two narrows, SiLU, product). Every node
@@ -8,15 +8,16 @@
 //! fast path's kernels (so both paths agree), and the backward computes the input gradient directly:
 //!
 //! - RMS norm `y = x / r ⊙ w` with `r = √(mean(x²) + ε)`: `∂x = (u − x · (u·x) / (n·r²)) / r` for `u = ∂y ⊙ w`.
-//! - SwiGLU `y = silu(a) ⊙ b` for the stacked `[a | b]`: `∂a = ∂y ⊙ b ⊙ σ(a) ⊙ (1 + a ⊙ (1 − σ(a)))`,
-//!   `∂b = ∂y ⊙ silu(a)`.
+//! - Gated product `y = act(a) ⊙ b` for the stacked `[a | b]`: `∂a = ∂y ⊙ b ⊙ act′(a)`, `∂b = ∂y ⊙ act(a)`, with
+//!   `act` SiLU or tanh-GELU ([`GateActivation`]).
 //!
 //! The scale `w` of the norm is treated as a constant (no editing method optimises it); callers use the composed
 //! operations when it is tracked, and for other devices and dtypes.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::fast_exp::{cpu_f32_values as values_of, exp_f32, silu_mul_fast, with_simd};
+use super::activation::{GateActivation, gated_product_fast};
+use super::fast_exp::{cpu_f32_values as values_of, with_simd};
 
 /// Whether `x` can take the fused operations (these, and the prefix attention of [`super::prefix_attention_cpu`]): an
 /// `f32` tensor on the CPU.
@@ -31,11 +32,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op1(RmsNorm { value, weight: weight.detach(), eps })
 }
 
-/// `silu(gate) ⊙ up` for a stacked `(rows, 2·width)` projection `[gate | up]`, differentiable in it.
-pub fn swiglu(gate_up: &Tensor, width: usize) -> Result<Tensor> {
+/// `act(gate) ⊙ up` for a stacked `(rows, 2·width)` projection `[gate | up]`, differentiable in it.
+pub fn gated_product(gate_up: &Tensor, width: usize, activation: GateActivation) -> Result<Tensor> {
     let gate_up = gate_up.contiguous()?;
-    let value = silu_mul_fast(&gate_up.detach(), width)?;
-    gate_up.apply_op1(SwiGlu { value, width })
+    let value = gated_product_fast(&gate_up.detach(), width, activation)?;
+    gate_up.apply_op1(GatedProduct { value, width, activation })
 }
 
 struct RmsNorm {
@@ -44,9 +45,10 @@ struct RmsNorm {
     eps: f64,
 }
 
-struct SwiGlu {
+struct GatedProduct {
     value: Tensor,
     width: usize,
+    activation: GateActivation,
 }
 
 /// The precomputed forward value as the op's output storage.
@@ -86,9 +88,9 @@ impl CustomOp1 for RmsNorm {
     }
 }
 
-impl CustomOp1 for SwiGlu {
+impl CustomOp1 for GatedProduct {
     fn name(&self) -> &'static str {
-        "swiglu"
+        "gated-product"
     }
 
     fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -107,9 +109,8 @@ impl CustomOp1 for SwiGlu {
                 let (gate_grad, up_grad) = out.split_at_mut(width);
                 for i in 0..width {
                     let (a, b, g) = (gate[i], up[i], grad[i]);
-                    let sigmoid = 1.0 / (1.0 + exp_f32(-a));
-                    gate_grad[i] = g * b * sigmoid * (1.0 + a * (1.0 - sigmoid));
-                    up_grad[i] = g * a * sigmoid;
+                    gate_grad[i] = g * b * self.activation.derivative(a);
+                    up_grad[i] = g * self.activation.value(a);
                 }
             }
         });
@@ -151,16 +152,18 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_the_composed_operations() {
+    fn gated_products_match_the_composed_operations() {
         let device = Device::Cpu;
         let x = Tensor::randn(0f32, 3.0, (4, 2 * 20), &device).unwrap();
-        compare(
-            &x,
-            |x| swiglu(x, 20).unwrap(),
-            |x| {
-                let gate = candle_nn::ops::silu(&x.narrow(D::Minus1, 0, 20).unwrap()).unwrap();
-                (gate * x.narrow(D::Minus1, 20, 20).unwrap()).unwrap()
-            },
-        );
+        for activation in [GateActivation::Silu, GateActivation::GeluTanh] {
+            compare(
+                &x,
+                |x| gated_product(x, 20, activation).unwrap(),
+                |x| {
+                    let gate = activation.composed(&x.narrow(D::Minus1, 0, 20).unwrap()).unwrap();
+                    (gate * x.narrow(D::Minus1, 20, 20).unwrap()).unwrap()
+                },
+            );
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! llama.cpp's converter renames tensors (`blk.3.ffn_down.weight`) and permutes the rows of the query and key
 //! projections so that its interleaved rotary kernel can be used. [`GgufWeights`] undoes both: it serves tensors under
 //! Hugging Face names, dequantised to the compute dtype, with Q/K rows put back in the half-split order that the
-//! Hugging Face rotary layout expects. The same `llama.rs` therefore runs GGUF and safetensors checkpoints.
+//! Hugging Face rotary layout expects (Gemma 3's rows are stored as they are: llama.cpp rotates them half-split). The
+//! same architecture file therefore runs GGUF and safetensors checkpoints.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -115,14 +116,28 @@ enum RowOrder {
 /// Llama-family weights of a GGUF file, served under Hugging Face names.
 pub struct GgufWeights<'a> {
     file: &'a GgufFile,
-    heads: usize,
-    kv_heads: usize,
+    naming: Naming,
+}
+
+/// How llama.cpp named (and reordered) an architecture's tensors.
+#[derive(Debug, Clone, Copy)]
+enum Naming {
+    /// Llama: `ffn_norm` is the norm before the MLP; Q/K rows permuted for the interleaved rotary kernel.
+    Llama { heads: usize, kv_heads: usize },
+    /// Gemma 3: sandwich norms (`post_attention_norm`, `ffn_norm` before the MLP, `post_ffw_norm`) and per-head
+    /// query/key norms; Q/K rows as in Hugging Face (llama.cpp uses the half-split rotary for Gemma).
+    Gemma3,
 }
 
 impl<'a> GgufWeights<'a> {
     /// Serves `file` with the llama name mapping; `heads`/`kv_heads` drive the Q/K unpermutation.
     pub fn llama(file: &'a GgufFile, heads: usize, kv_heads: usize) -> Self {
-        GgufWeights { file, heads, kv_heads }
+        GgufWeights { file, naming: Naming::Llama { heads, kv_heads } }
+    }
+
+    /// Serves `file` with the Gemma 3 name mapping (no reordering).
+    pub fn gemma3(file: &'a GgufFile) -> Self {
+        GgufWeights { file, naming: Naming::Gemma3 }
     }
 
     fn translate(&self, hf_name: &str) -> Option<(String, RowOrder)> {
@@ -138,16 +153,25 @@ impl<'a> GgufWeights<'a> {
         let rest = hf_name.strip_prefix("model.layers.")?;
         let (layer, suffix) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
-        let (gguf, order) = match suffix {
-            "input_layernorm.weight" => ("attn_norm.weight", RowOrder::AsIs),
-            "self_attn.q_proj.weight" => ("attn_q.weight", RowOrder::Unpermute(self.heads)),
-            "self_attn.k_proj.weight" => ("attn_k.weight", RowOrder::Unpermute(self.kv_heads)),
-            "self_attn.v_proj.weight" => ("attn_v.weight", RowOrder::AsIs),
-            "self_attn.o_proj.weight" => ("attn_output.weight", RowOrder::AsIs),
-            "post_attention_layernorm.weight" => ("ffn_norm.weight", RowOrder::AsIs),
-            "mlp.gate_proj.weight" => ("ffn_gate.weight", RowOrder::AsIs),
-            "mlp.up_proj.weight" => ("ffn_up.weight", RowOrder::AsIs),
-            "mlp.down_proj.weight" => ("ffn_down.weight", RowOrder::AsIs),
+        let (gguf, order) = match (self.naming, suffix) {
+            (_, "input_layernorm.weight") => ("attn_norm.weight", RowOrder::AsIs),
+            (Naming::Llama { heads, .. }, "self_attn.q_proj.weight") => ("attn_q.weight", RowOrder::Unpermute(heads)),
+            (Naming::Llama { kv_heads, .. }, "self_attn.k_proj.weight") => {
+                ("attn_k.weight", RowOrder::Unpermute(kv_heads))
+            }
+            (Naming::Gemma3, "self_attn.q_proj.weight") => ("attn_q.weight", RowOrder::AsIs),
+            (Naming::Gemma3, "self_attn.k_proj.weight") => ("attn_k.weight", RowOrder::AsIs),
+            (_, "self_attn.v_proj.weight") => ("attn_v.weight", RowOrder::AsIs),
+            (_, "self_attn.o_proj.weight") => ("attn_output.weight", RowOrder::AsIs),
+            (Naming::Llama { .. }, "post_attention_layernorm.weight") => ("ffn_norm.weight", RowOrder::AsIs),
+            (Naming::Gemma3, "post_attention_layernorm.weight") => ("post_attention_norm.weight", RowOrder::AsIs),
+            (Naming::Gemma3, "pre_feedforward_layernorm.weight") => ("ffn_norm.weight", RowOrder::AsIs),
+            (Naming::Gemma3, "post_feedforward_layernorm.weight") => ("post_ffw_norm.weight", RowOrder::AsIs),
+            (Naming::Gemma3, "self_attn.q_norm.weight") => ("attn_q_norm.weight", RowOrder::AsIs),
+            (Naming::Gemma3, "self_attn.k_norm.weight") => ("attn_k_norm.weight", RowOrder::AsIs),
+            (_, "mlp.gate_proj.weight") => ("ffn_gate.weight", RowOrder::AsIs),
+            (_, "mlp.up_proj.weight") => ("ffn_up.weight", RowOrder::AsIs),
+            (_, "mlp.down_proj.weight") => ("ffn_down.weight", RowOrder::AsIs),
             _ => return None,
         };
         Some((format!("blk.{layer}.{gguf}"), order))

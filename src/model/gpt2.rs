@@ -144,7 +144,7 @@ impl Gpt2 {
 
     fn attention_shape(&self) -> AttentionShape {
         let heads = self.config.n_head;
-        AttentionShape { heads, kv_heads: heads, head_dim: self.config.n_embd / heads }
+        AttentionShape::new(heads, heads, self.config.n_embd / heads)
     }
 }
 
@@ -214,7 +214,7 @@ impl CausalLm for Gpt2 {
         &self.wte
     }
 
-    fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
+    fn attention_layout(&self, _layer: usize) -> (AttentionShape, Option<&Rotary>) {
         (self.attention_shape(), None)
     }
 

@@ -127,7 +127,7 @@ impl Gptj {
 
     fn attention_shape(&self) -> AttentionShape {
         let heads = self.config.n_head;
-        AttentionShape { heads, kv_heads: heads, head_dim: self.config.n_embd / heads }
+        AttentionShape::new(heads, heads, self.config.n_embd / heads)
     }
 }
 
@@ -195,7 +195,7 @@ impl CausalLm for Gptj {
         &self.wte
     }
 
-    fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
+    fn attention_layout(&self, _layer: usize) -> (AttentionShape, Option<&Rotary>) {
         (self.attention_shape(), Some(&self.rotary))
     }
 

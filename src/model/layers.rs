@@ -8,6 +8,7 @@
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
+use super::activation::{GateActivation, gated_product_fast};
 use super::frozen::matmul_frozen;
 use super::packing::Packing;
 
@@ -69,6 +70,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, path: Pa
     }
 }
 
+/// The MLP key `act(gate) ⊙ up` of a stacked `(rows, 2·width)` projection `[gate | up]`: one CPU kernel on the fast
+/// path, one differentiable operation on the differentiable path (CPU, `f32`), composed operations otherwise.
+pub fn gated_product(gate_up: &Tensor, width: usize, activation: GateActivation, path: Path) -> Result<Tensor> {
+    match path {
+        Path::Fast => gated_product_fast(gate_up, width, activation),
+        Path::Differentiable if super::fused::supports(gate_up) => {
+            super::fused::gated_product(gate_up, width, activation)
+        }
+        Path::Differentiable => {
+            activation.composed(&gate_up.narrow(1, 0, width)?)? * gate_up.narrow(1, width, width)?
+        }
+    }
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, path: Path) -> Result<Tensor> {
     match path {
@@ -96,6 +111,7 @@ pub struct Rotary {
     sin_values: std::sync::Arc<[f32]>,
     layout: RotaryLayout,
     rotary_dim: usize,
+    base: f64,
 }
 
 impl Rotary {
@@ -122,7 +138,13 @@ impl Rotary {
             sin: sin.to_dtype(dtype)?,
             layout,
             rotary_dim,
+            base: theta,
         })
+    }
+
+    /// The base (θ) the angles were computed from: tells apart the tables of layers with different bases.
+    pub fn base(&self) -> f64 {
+        self.base
     }
 
     /// Rotates packed rows `(rows, heads·head_dim)` in place, row `r` at position `positions[r]`.
@@ -237,7 +259,7 @@ impl Rotary {
     }
 }
 
-/// Shape of an attention layer.
+/// Shape of an attention layer: its heads, the scale of its scores and how far back a query sees.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     /// Query heads.
@@ -246,6 +268,43 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// Factor of the query-key scores (`1/√head_dim` unless the architecture says otherwise).
+    pub scale: f32,
+    /// Sliding window: the query at position `i` sees the keys at `j` with `i − window < j ≤ i`. None: all of
+    /// `0..=i` (full causal attention).
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// Full causal attention with scores scaled by `1/√head_dim`.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttentionShape { heads, kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), window: None }
+    }
+
+    /// The same shape with scores scaled by `scale`.
+    pub fn with_scale(self, scale: f32) -> Self {
+        AttentionShape { scale, ..self }
+    }
+
+    /// The same shape restricted to a sliding window of `window` keys (the query's own included).
+    pub fn with_window(self, window: Option<usize>) -> Self {
+        AttentionShape { window, ..self }
+    }
+
+    /// The first key position the query at `position` sees.
+    #[inline(always)]
+    pub fn first_visible(&self, position: usize) -> usize {
+        match self.window {
+            Some(window) => (position + 1).saturating_sub(window),
+            None => 0,
+        }
+    }
+
+    /// Whether the query at `query` sees the key at `key` (causal, and inside the window).
+    #[inline(always)]
+    pub fn sees(&self, query: usize, key: usize) -> bool {
+        key <= query && key >= self.first_visible(query)
+    }
 }
 
 /// Causal self-attention of packed `q: (rows, heads·d)`, `k, v: (rows, kv_heads·d)`, returning `(rows, heads·d)`.
@@ -265,7 +324,7 @@ pub fn causal_attention(
         return super::attention_cpu::packed_causal_attention(q, k, v, packing, shape, rotary)
             .map_err(|e| candle_core::Error::Msg(e.to_string()));
     }
-    let AttentionShape { heads, kv_heads, head_dim } = shape;
+    let AttentionShape { heads, kv_heads, head_dim, .. } = shape;
     let (batch, tokens) = (packing.batch(), packing.longest());
     let split = |x: &Tensor, n: usize| -> Result<Tensor> {
         packing.pad(x)?.reshape((batch, tokens, n, head_dim))?.transpose(1, 2)?.contiguous()
@@ -278,18 +337,18 @@ pub fn causal_attention(
     let repeat = heads / kv_heads;
     let k = candle_transformers::utils::repeat_kv(k, repeat)?.contiguous()?;
     let v = candle_transformers::utils::repeat_kv(v, repeat)?.contiguous()?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.broadcast_add(&causal_mask(tokens, scores.dtype(), q.device())?)?;
+    let scores = (q.matmul(&k.t()?)? * f64::from(shape.scale))?;
+    let scores = scores.broadcast_add(&causal_mask(tokens, shape, scores.dtype(), q.device())?)?;
     let weights = softmax_last(&scores, path)?;
     let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, tokens, heads * head_dim))?;
     packing.unpad(&context)
 }
 
-/// `(t, t)` additive mask: 0 on and below the diagonal, −∞ above.
-pub fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+/// `(t, t)` additive mask: 0 where query `i` sees key `j` ([`AttentionShape::sees`]), −∞ elsewhere.
+pub fn causal_mask(tokens: usize, shape: AttentionShape, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..tokens).map(move |j| if shape.sees(i, j) { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     Tensor::from_vec(mask, (tokens, tokens), device)?.to_dtype(dtype)
 }
 

@@ -5,12 +5,13 @@
 //! safetensors under Hugging Face names or from GGUF through [`GgufWeights`], which restores the Hugging Face row order
 //! of the query and key projections.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::activation::GateActivation;
 use super::gguf::{GgufFile, GgufWeights};
 use super::hooks::{Hook, HookPoint};
-use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, linear, rms_norm};
+use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, gated_product, linear, rms_norm};
 use super::packing::Packing;
 use super::prefix::{KvMode, attention};
 use super::weights::{WeightSource, load_layers};
@@ -234,7 +235,7 @@ impl Llama {
 
     fn attention_shape(&self) -> AttentionShape {
         let c = &self.config;
-        AttentionShape { heads: c.num_attention_heads, kv_heads: c.kv_heads(), head_dim: c.head_dim() }
+        AttentionShape::new(c.num_attention_heads, c.kv_heads(), c.head_dim())
     }
 }
 
@@ -278,14 +279,7 @@ impl CausalLm for Llama {
         let x = hooks.visit(index, HookPoint::MlpInput, rms_norm(&h, &b.post_norm, eps, path)?, packing)?;
         let gate_up = hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.gate_up, None, path)?, packing)?;
         let width = c.intermediate_size;
-        let key = match path {
-            Path::Fast => super::fast_exp::silu_mul_fast(&gate_up, width)?,
-            Path::Differentiable if super::fused::supports(&gate_up) => super::fused::swiglu(&gate_up, width)?,
-            Path::Differentiable => {
-                (candle_nn::Activation::Silu.forward(&gate_up.narrow(1, 0, width)?)?
-                    * gate_up.narrow(1, width, width)?)?
-            }
-        };
+        let key = gated_product(&gate_up, width, GateActivation::Silu, path)?;
         let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
         let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?, packing)?;
         hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
@@ -327,7 +321,7 @@ impl CausalLm for Llama {
         &self.embed
     }
 
-    fn attention_layout(&self) -> (AttentionShape, Option<&Rotary>) {
+    fn attention_layout(&self, _layer: usize) -> (AttentionShape, Option<&Rotary>) {
         (self.attention_shape(), Some(&self.rotary))
     }
 

@@ -4,12 +4,14 @@
 //! a network with its tokenizer and offers what editing methods need: hidden states under hooks (fast or
 //! differentiable), logits at chosen tokens, and weight overrides `W → W + ΔW` that restore `W` exactly.
 
+pub mod activation;
 pub mod attention_cpu;
 pub mod cpu_matmul;
 pub mod decode;
 pub mod fast_exp;
 pub mod frozen;
 pub mod fused;
+pub mod gemma3;
 pub mod generation;
 pub mod gguf;
 pub mod gpt2;
@@ -20,6 +22,7 @@ pub mod llama;
 pub mod packing;
 pub mod prefix;
 pub mod prefix_attention_cpu;
+pub mod sentencepiece;
 pub mod simd_matmul;
 pub mod tokenizer;
 pub mod trained_product;
@@ -162,8 +165,9 @@ pub trait CausalLm: Send + Sync {
         }
         Ok(hidden)
     }
-    /// The attention shape and rotary embedding, for building prefix caches.
-    fn attention_layout(&self) -> (layers::AttentionShape, Option<&layers::Rotary>);
+    /// The attention shape (heads, score scale, sliding window) and rotary embedding of layer `layer`, for building
+    /// prefix and decoding caches.
+    fn attention_layout(&self, layer: usize) -> (layers::AttentionShape, Option<&layers::Rotary>);
     /// Final norm and output projection of residual rows `(n, hidden)` → logits `(n, vocab)`.
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
     /// The current value of a weight.
@@ -205,7 +209,8 @@ pub struct Architecture {
 }
 
 /// The architecture table: adding an architecture is one file plus one row here.
-pub const ARCHITECTURES: &[Architecture] = &[llama::ARCHITECTURE, gpt2::ARCHITECTURE, gptj::ARCHITECTURE];
+pub const ARCHITECTURES: &[Architecture] =
+    &[llama::ARCHITECTURE, gpt2::ARCHITECTURE, gptj::ARCHITECTURE, gemma3::ARCHITECTURE];
 
 /// Looks an architecture up by name.
 pub fn architecture(name: &str) -> Result<&'static Architecture> {
@@ -248,6 +253,10 @@ pub struct LoadedModel {
     pub dtype: DType,
     /// Seconds spent loading (and dequantising) the weights.
     pub load_seconds: f64,
+    /// The tokenizer's beginning-of-sequence token, if it has one.
+    pub bos_token: Option<u32>,
+    /// Whether [`encode`](Self::encode) starts sequences with `bos_token` (the registry's `bos` setting).
+    prepend_bos: bool,
     /// Weight overrides applied and not yet restored.
     overrides: usize,
 }
@@ -276,25 +285,47 @@ impl LoadedModel {
     pub fn load(registry: &Registry, id: &str, device: &Device) -> Result<Self> {
         let entry = registry.get(id)?;
         let files = crate::source::fetch(registry, id)?;
-        Self::from_files(&files, entry.architecture(), entry.dtype.to_candle(), device)
+        let mut model = Self::from_files(&files, entry.architecture(), entry.dtype.to_candle(), device)?;
+        model.set_bos(entry.bos).map_err(|_| {
+            Error::invalid("models.toml", format!("models.{id}.bos"), "the model's tokenizer has no BOS token")
+        })?;
+        Ok(model)
+    }
+
+    /// Starts every sequence with the BOS token (`true`) or not; an error when there is no BOS token.
+    pub fn set_bos(&mut self, on: bool) -> Result<()> {
+        if on && self.bos_token.is_none() {
+            return Err(Error::invalid("(model)", "bos", format!("{} has no BOS token", self.id)));
+        }
+        self.prepend_bos = on;
+        Ok(())
+    }
+
+    /// The BOS token sequences start with, when they start with one.
+    pub fn prepended_bos(&self) -> Option<u32> {
+        self.bos_token.filter(|_| self.prepend_bos)
     }
 
     /// Loads a model from local files.
     pub fn from_files(files: &ModelFiles, architecture_name: &str, dtype: DType, device: &Device) -> Result<Self> {
         let started = Instant::now();
         let arch = architecture(architecture_name)?;
-        let (network, tokenizer) = match files.format {
+        let (network, tokenizer, bos_token) = match files.format {
             WeightFormat::Gguf => {
                 let path = &files.weights[0];
                 let file = gguf::GgufFile::open(path)?;
                 let load = arch.from_gguf.ok_or_else(|| {
                     Error::model_file(path.display().to_string(), format!("GGUF is not supported for {}", arch.name))
                 })?;
-                let tokenizer = match &files.tokenizer {
-                    Some(path) => tokenizer::from_file(path)?,
-                    None => tokenizer::from_gguf(&file)?,
+                let (tokenizer, bos) = match &files.tokenizer {
+                    Some(path) => {
+                        let tokenizer = tokenizer::from_file(path)?;
+                        let bos = tokenizer::bos_of(&tokenizer);
+                        (tokenizer, bos)
+                    }
+                    None => (tokenizer::from_gguf(&file)?, tokenizer::gguf_bos_token(&file)?),
                 };
-                (load(&file, dtype, device)?, tokenizer)
+                (load(&file, dtype, device)?, tokenizer, bos)
             }
             WeightFormat::Safetensors => {
                 let config_path = files.config.as_ref().ok_or_else(|| {
@@ -306,7 +337,9 @@ impl LoadedModel {
                 let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
                 let weights = weights::SafetensorsWeights::open(&files.weights)?;
                 let origin = config_path.display().to_string();
-                ((arch.from_config)(&text, &origin, &weights, dtype, device)?, tokenizer::from_file(tokenizer_path)?)
+                let tokenizer = tokenizer::from_file(tokenizer_path)?;
+                let bos = tokenizer::bos_of(&tokenizer);
+                ((arch.from_config)(&text, &origin, &weights, dtype, device)?, tokenizer, bos)
             }
         };
         Ok(LoadedModel {
@@ -319,6 +352,8 @@ impl LoadedModel {
             device: device.clone(),
             dtype,
             load_seconds: started.elapsed().as_secs_f64(),
+            bos_token,
+            prepend_bos: false,
             overrides: 0,
         })
     }
@@ -328,8 +363,16 @@ impl LoadedModel {
         self.network.dims()
     }
 
-    /// Token ids of `text` without special tokens.
+    /// Token ids of a text that begins a sequence: the BOS token first when the model's `bos` setting is on, then
+    /// the text's tokens (no other special tokens).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::from_iter(self.prepended_bos());
+        ids.extend(tokenizer::encode_plain(&self.tokenizer, text)?);
+        Ok(ids)
+    }
+
+    /// Token ids of a text that continues a sequence (a target after its prompt, an answer option): never a BOS.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
         tokenizer::encode_plain(&self.tokenizer, text)
     }
 
@@ -376,8 +419,12 @@ impl LoadedModel {
 
     /// Keeps the keys and values before `starts[i]` of every sequence of `packing` from a recorded pass.
     pub fn prefix_cache(&self, recorder: KvRecorder, packing: &Packing, starts: &[usize]) -> Result<PrefixCache> {
-        let (shape, rotary) = self.network.attention_layout();
-        PrefixCache::new(recorder, packing, starts, shape, rotary)
+        PrefixCache::new(recorder, packing, starts, &self.layer_layouts())
+    }
+
+    /// Every layer's attention layout, indexed by layer.
+    fn layer_layouts(&self) -> Vec<(layers::AttentionShape, Option<&layers::Rotary>)> {
+        (0..self.dims().layers).map(|layer| self.network.attention_layout(layer)).collect()
     }
 
     /// A prefix cache for sequences continuing recorded ones: sequence `i` continues the first `starts[i]` tokens of
@@ -389,19 +436,17 @@ impl LoadedModel {
         sources: &[usize],
         starts: &[usize],
     ) -> Result<PrefixCache> {
-        let (shape, rotary) = self.network.attention_layout();
-        PrefixCache::shared(recorder, packing, sources, starts, shape, rotary)
+        PrefixCache::shared(recorder, packing, sources, starts, &self.layer_layouts())
     }
 
     /// The keys and values of a recorded pass over one sequence of `rows` tokens, as a prefix shared by decoding.
     pub fn shared_prefix(&self, recorder: KvRecorder, rows: usize) -> Result<std::sync::Arc<SharedPrefix>> {
-        let (shape, rotary) = self.network.attention_layout();
-        SharedPrefix::recorded(recorder, rows, self.dims().layers, shape, rotary)
+        SharedPrefix::recorded(recorder, rows, &self.layer_layouts())
     }
 
     /// An empty decoding cache for `sequences` sequences continuing `shared`.
     pub fn decode_cache(&self, shared: std::sync::Arc<SharedPrefix>, sequences: usize) -> DecodeCache {
-        DecodeCache::new(shared, sequences, self.network.attention_layout().0)
+        DecodeCache::new(shared, sequences)
     }
 
     /// Logits `(sites, vocab)` at `(sequence, position)` sites of a packed hidden state.

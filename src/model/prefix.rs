@@ -55,15 +55,21 @@ impl KvRecorder {
 pub struct PrefixCache {
     starts: Vec<usize>,
     layers: Vec<(usize, Tensor, Tensor)>,
-    shape: AttentionShape,
     prefix_rows: usize,
-    layout: Mutex<Option<SuffixLayout>>,
+    layouts: Mutex<Vec<SuffixLayout>>,
 }
 
-/// Index tensors, rotary tables and the mask of one suffix packing: the same for every layer and every step.
+/// The attention layout of every layer of a network, indexed by layer: its shape (heads, scale, window) and its
+/// rotary tables, if any.
+pub type LayerLayouts<'a> = [(AttentionShape, Option<&'a Rotary>)];
+
+/// Index tensors, rotary tables and the mask of one suffix packing: the same for every step, and for every layer
+/// with the same rotary base and window.
 #[derive(Clone)]
 struct SuffixLayout {
     lengths: Vec<usize>,
+    rotary_base: Option<f64>,
+    window: Option<usize>,
     key_index: Tensor,
     longest_total: usize,
     mask: Tensor,
@@ -72,18 +78,12 @@ struct SuffixLayout {
 
 impl PrefixCache {
     /// Keeps the rows before `starts[i]` of sequence `i` from a recorded full pass over `packing`.
-    pub fn new(
-        recorder: KvRecorder,
-        packing: &Packing,
-        starts: &[usize],
-        shape: AttentionShape,
-        rotary: Option<&Rotary>,
-    ) -> Result<Self> {
+    pub fn new(recorder: KvRecorder, packing: &Packing, starts: &[usize], layouts: &LayerLayouts) -> Result<Self> {
         let sources: Vec<usize> = (0..starts.len()).collect();
         if starts.len() != packing.batch() {
             return Err(Error::invalid("(prefix cache)", "starts", "one start per sequence"));
         }
-        Self::shared(recorder, packing, &sources, starts, shape, rotary)
+        Self::shared(recorder, packing, &sources, starts, layouts)
     }
 
     /// A cache for later sequences that share recorded prefixes: sequence `i` of the later passes continues the first
@@ -94,8 +94,7 @@ impl PrefixCache {
         packing: &Packing,
         sources: &[usize],
         starts: &[usize],
-        shape: AttentionShape,
-        rotary: Option<&Rotary>,
+        layouts: &LayerLayouts,
     ) -> Result<Self> {
         let lengths = packing.lengths();
         let bad = sources.len() != starts.len()
@@ -124,6 +123,9 @@ impl PrefixCache {
         let recorded = recorder.into_layers()?;
         let mut layers = Vec::with_capacity(recorded.len());
         for (layer, k, v) in recorded {
+            let (shape, rotary) = *layouts.get(layer).ok_or_else(|| {
+                Error::invalid("(prefix cache)", "layer", format!("layer {layer} has no attention layout"))
+            })?;
             let (k, v) =
                 (k.contiguous()?.index_select(&prefix_rows, 0)?, v.contiguous()?.index_select(&prefix_rows, 0)?);
             let k = match rotary {
@@ -133,13 +135,22 @@ impl PrefixCache {
             layers.push((layer, k, v));
         }
         let prefix_rows = starts.iter().sum();
-        Ok(PrefixCache { starts: starts.to_vec(), layers, shape, prefix_rows, layout: Mutex::new(None) })
+        Ok(PrefixCache { starts: starts.to_vec(), layers, prefix_rows, layouts: Mutex::new(Vec::new()) })
     }
 
-    /// The layout for `packing`, built on first use and reused while the packing stays the same.
-    fn layout(&self, packing: &Packing, rotary: Option<&Rotary>, dtype: DType) -> Result<SuffixLayout> {
-        let mut slot = self.layout.lock().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
-        if let Some(layout) = slot.as_ref().filter(|l| l.lengths == packing.lengths()) {
+    /// The layout for `packing` and a layer's rotary tables and window, built on first use and reused while the
+    /// packing stays the same.
+    fn layout(
+        &self,
+        packing: &Packing,
+        shape: AttentionShape,
+        rotary: Option<&Rotary>,
+        dtype: DType,
+    ) -> Result<SuffixLayout> {
+        let mut built = self.layouts.lock().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))?;
+        let rotary_base = rotary.map(Rotary::base);
+        built.retain(|l| l.lengths == packing.lengths());
+        if let Some(layout) = built.iter().find(|l| l.rotary_base == rotary_base && l.window == shape.window) {
             return Ok(layout.clone());
         }
         let device = packing.positions().device();
@@ -167,12 +178,14 @@ impl PrefixCache {
         let positions = Tensor::from_vec(positions, packing.rows(), device)?;
         let layout = SuffixLayout {
             lengths: packing.lengths().to_vec(),
+            rotary_base,
+            window: shape.window,
             key_index: Tensor::from_vec(key_index, batch * longest_total, device)?,
             longest_total,
-            mask: prefix_mask(starts, packing.longest(), longest_total, dtype, device)?,
+            mask: prefix_mask(starts, packing.longest(), longest_total, shape, dtype, device)?,
             tables: rotary.map(|r| r.tables_at(&positions)).transpose()?,
         };
-        *slot = Some(layout.clone());
+        built.push(layout.clone());
         Ok(layout)
     }
 
@@ -219,8 +232,8 @@ pub fn attention(
             recorder.push(layer, k, v);
             Ok(causal_attention(q, k, v, packing, shape, rotary, path)?)
         }
-        KvMode::Prefix(cache) => prefix_attention(layer, q, k, v, packing, cache, rotary, path),
-        KvMode::Decode(cache) => decode_attention(layer, q, k, v, packing, cache, rotary),
+        KvMode::Prefix(cache) => prefix_attention(layer, q, k, v, packing, cache, shape, rotary, path),
+        KvMode::Decode(cache) => decode_attention(layer, q, k, v, packing, cache, shape, rotary),
     }
 }
 
@@ -234,17 +247,17 @@ fn prefix_attention(
     v: &Tensor,
     packing: &Packing,
     cache: &PrefixCache,
+    shape: AttentionShape,
     rotary: Option<&Rotary>,
     path: Path,
 ) -> Result<Tensor> {
-    let AttentionShape { heads, kv_heads, head_dim } = cache.shape;
+    let AttentionShape { heads, kv_heads, head_dim, scale, .. } = shape;
     let (prefix_k, prefix_v) = cache.layer(layer)?;
     if super::fused::supports(q) {
-        let geometry =
-            PrefixGeometry { starts: cache.starts.clone(), lengths: packing.lengths().to_vec(), shape: cache.shape };
+        let geometry = PrefixGeometry { starts: cache.starts.clone(), lengths: packing.lengths().to_vec(), shape };
         return super::prefix_attention_cpu::prefix_attention(q, k, v, (prefix_k, prefix_v), &geometry, rotary);
     }
-    let layout = cache.layout(packing, rotary, q.dtype())?;
+    let layout = cache.layout(packing, shape, rotary, q.dtype())?;
     let (q, k) = match (rotary, &layout.tables) {
         (Some(rotary), Some((cos, sin))) => (
             rotary.apply_with_tables(q, cos, sin, heads, head_dim)?,
@@ -268,18 +281,26 @@ fn prefix_attention(
     let k = candle_transformers::utils::repeat_kv(k, repeat)?.contiguous()?;
     let v = candle_transformers::utils::repeat_kv(v, repeat)?.contiguous()?;
     let q = packing.pad(&q)?.reshape((batch, longest_query, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+    let scores = (q.matmul(&k.t()?)? * f64::from(scale))?;
     let weights = softmax_last(&scores.broadcast_add(&layout.mask)?, path)?;
     let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((batch, longest_query, heads * head_dim))?;
     Ok(packing.unpad(&context)?)
 }
 
-/// `(batch, 1, queries, keys)` additive mask: query `i` of a sequence starting at `s` sees keys `0..=s + i`.
-fn prefix_mask(starts: &[usize], queries: usize, keys: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// `(batch, 1, queries, keys)` additive mask: query `i` of a sequence starting at `s` sees the keys the layer lets
+/// position `s + i` see (`0..=s + i`, or its sliding window).
+fn prefix_mask(
+    starts: &[usize],
+    queries: usize,
+    keys: usize,
+    shape: AttentionShape,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut mask = Vec::with_capacity(starts.len() * queries * keys);
     for &start in starts {
         for i in 0..queries {
-            mask.extend((0..keys).map(|j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }));
+            mask.extend((0..keys).map(|j| if shape.sees(start + i, j) { 0.0 } else { f32::NEG_INFINITY }));
         }
     }
     Ok(Tensor::from_vec(mask, (starts.len(), 1, queries, keys), device)?.to_dtype(dtype)?)

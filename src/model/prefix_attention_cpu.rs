@@ -7,12 +7,15 @@
 //! more of a step than the layer's large matrix products. This operation reads the packed rows directly (as the fast
 //! path's [`super::attention_cpu`] does), and its backward recomputes each query's attention weights `p` and applies
 //!
-//! `∂s_j = p_j (∂p_j − Σ_l p_l ∂p_l)` with `∂p_j = ∂o · v_j`, then `∂q = Σ_j ∂s_j k_j / √d`, and for the sequence's
-//! own keys and values `∂k_j += ∂s_j q / √d`, `∂v_j += p_j ∂o`,
+//! `∂s_j = p_j (∂p_j − Σ_l p_l ∂p_l)` with `∂p_j = ∂o · v_j`, then `∂q = c Σ_j ∂s_j k_j` (`c` the score scale, usually
+//! `1/√d`), and for the sequence's own keys and values `∂k_j += c ∂s_j q`, `∂v_j += p_j ∂o`, the sums running over the
+//! keys the query sees (all earlier ones, or those of its sliding window),
 //!
 //! and finally rotates the query and key gradients back (the rotary embedding is orthogonal, so its transpose is the
 //! inverse rotation). Prefix keys and values are constants. Sequences are shared out over the worker pool; each
 //! sequence's rows are written by one thread only, so results do not depend on timing.
+
+use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -132,27 +135,28 @@ impl<'a> Rows<'a> {
 impl PrefixAttention {
     fn rotate(&self, q: &mut [f32], k: &mut [f32]) {
         if let Some(rotary) = &self.rotary {
-            let AttentionShape { heads, kv_heads, head_dim } = self.geometry.shape;
+            let AttentionShape { heads, kv_heads, head_dim, .. } = self.geometry.shape;
             let positions = self.geometry.positions();
             rotary.rotate_packed(q, heads, head_dim, &positions);
             rotary.rotate_packed(k, kv_heads, head_dim, &positions);
         }
     }
 
-    /// The attention weights of one query over the `start + i + 1` keys it sees, into `weights`.
+    /// The attention weights of one query over the keys `seen` it sees, into `weights[seen]` (a sliding window
+    /// starts `seen` after 0; the keys before it are skipped, not masked).
     #[inline(always)]
-    fn weights(query: &[f32], keys: &Rows, visible: usize, scale: f32, weights: &mut [f32]) {
+    fn weights(query: &[f32], keys: &Rows, seen: Range<usize>, scale: f32, weights: &mut [f32]) {
         let mut max = f32::NEG_INFINITY;
-        for (j, weight) in weights[..visible].iter_mut().enumerate() {
+        for (j, weight) in seen.clone().zip(weights[seen.clone()].iter_mut()) {
             *weight = dot(query, keys.get(j)) * scale;
             max = max.max(*weight);
         }
         let mut total = 0f32;
-        for weight in weights[..visible].iter_mut() {
+        for weight in weights[seen.clone()].iter_mut() {
             *weight = exp_f32(*weight - max);
             total += *weight;
         }
-        for weight in weights[..visible].iter_mut() {
+        for weight in weights[seen].iter_mut() {
             *weight /= total;
         }
     }
@@ -166,7 +170,7 @@ impl PrefixAttention {
         mut visit: impl FnMut(&Query<'a>),
     ) {
         let g = &self.geometry;
-        let AttentionShape { heads, kv_heads, head_dim } = g.shape;
+        let AttentionShape { heads, kv_heads, head_dim, .. } = g.shape;
         let kv_width = kv_heads * head_dim;
         let (prefix_offsets, row_offsets) = (g.prefix_offsets(), g.row_offsets());
         for s in first..last {
@@ -196,9 +200,8 @@ impl PrefixAttention {
     /// The context rows `(rows, heads·d)` from rotated `q`, `k` and plain `v`.
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let g = &self.geometry;
-        let AttentionShape { heads, head_dim, .. } = g.shape;
+        let AttentionShape { heads, head_dim, scale, .. } = g.shape;
         let q_width = heads * head_dim;
-        let scale = 1.0 / (head_dim as f32).sqrt();
         let mut out = vec![0f32; g.lengths.iter().sum::<usize>() * q_width];
         let pieces = split_rows(&mut out, g, q_width);
         super::workers::for_each_item(pieces, |(first, last, out)| {
@@ -206,11 +209,11 @@ impl PrefixAttention {
                 let mut weights = self.scratch((first, last));
                 self.visit_queries((first, last), k, v, |query| {
                     let column = query.head * head_dim;
-                    let visible = query.start + query.i + 1;
+                    let seen = query.seen(&g.shape);
                     let query_row = &q[query.row * q_width + column..][..head_dim];
-                    Self::weights(query_row, &query.keys, visible, scale, &mut weights);
+                    Self::weights(query_row, &query.keys, seen.clone(), scale, &mut weights);
                     let target = &mut out[(query.local_first + query.i) * q_width + column..][..head_dim];
-                    for (j, &p) in weights[..visible].iter().enumerate() {
+                    for (j, &p) in seen.clone().zip(&weights[seen]) {
                         for (t, &x) in target.iter_mut().zip(query.values.get(j)) {
                             *t += p * x;
                         }
@@ -224,9 +227,8 @@ impl PrefixAttention {
     /// Gradients with respect to rotated `q`, rotated `k` and `v`, given the output gradient.
     fn backward(&self, q: &[f32], k: &[f32], v: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let g = &self.geometry;
-        let AttentionShape { heads, kv_heads, head_dim } = g.shape;
+        let AttentionShape { heads, kv_heads, head_dim, scale, .. } = g.shape;
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-        let scale = 1.0 / (head_dim as f32).sqrt();
         let rows_total: usize = g.lengths.iter().sum();
         let (mut dq, mut dk, mut dv) =
             (vec![0f32; rows_total * q_width], vec![0f32; rows_total * kv_width], vec![0f32; rows_total * kv_width]);
@@ -242,16 +244,16 @@ impl PrefixAttention {
                 self.visit_queries((first, last), k, v, |query| {
                     let at = query.row * q_width + query.head * head_dim;
                     let (query_row, out_grad) = (&q[at..][..head_dim], &grad[at..][..head_dim]);
-                    let (start, visible) = (query.start, query.start + query.i + 1);
-                    Self::weights(query_row, &query.keys, visible, scale, &mut weights);
+                    let (start, seen) = (query.start, query.seen(&g.shape));
+                    Self::weights(query_row, &query.keys, seen.clone(), scale, &mut weights);
                     let mut weighted = 0f32;
-                    for (j, slope) in slopes[..visible].iter_mut().enumerate() {
+                    for (j, slope) in seen.clone().zip(slopes[seen.clone()].iter_mut()) {
                         *slope = dot(out_grad, query.values.get(j));
                         weighted += weights[j] * *slope;
                     }
                     let local = (query.local_first + query.i) * q_width + query.head * head_dim;
                     let query_grad = &mut dq[local..][..head_dim];
-                    for j in 0..visible {
+                    for j in seen.clone() {
                         let score_grad = weights[j] * (slopes[j] - weighted) * scale;
                         for (d, &x) in query_grad.iter_mut().zip(query.keys.get(j)) {
                             *d += score_grad * x;
@@ -289,6 +291,14 @@ struct Query<'a> {
     keys: Rows<'a>,
     /// The values, likewise.
     values: Rows<'a>,
+}
+
+impl Query<'_> {
+    /// The key positions this query sees: up to its own position `start + i`, from the start of its window.
+    fn seen(&self, shape: &AttentionShape) -> Range<usize> {
+        let position = self.start + self.i;
+        shape.first_visible(position)..position + 1
+    }
 }
 
 /// The rows of consecutive sequence ranges (one per thread) as disjoint slices of `out`.
@@ -335,7 +345,7 @@ impl CustomOp3 for PrefixAttention {
         self.rotate(&mut q_rotated, &mut k_rotated);
         let (mut dq, mut dk, dv) = self.backward(&q_rotated, &k_rotated, &values_of(v)?, &values_of(grad_res)?);
         if let Some(rotary) = &self.rotary {
-            let AttentionShape { heads, kv_heads, head_dim } = self.geometry.shape;
+            let AttentionShape { heads, kv_heads, head_dim, .. } = self.geometry.shape;
             let positions = self.geometry.positions();
             rotary.unrotate_packed(&mut dq, heads, head_dim, &positions);
             rotary.unrotate_packed(&mut dk, kv_heads, head_dim, &positions);
@@ -368,8 +378,18 @@ mod tests {
 
     #[test]
     fn value_and_gradients_match_composed_attention_over_whole_sequences() {
+        check_against_composed_attention(None);
+    }
+
+    #[test]
+    fn a_sliding_window_gives_what_the_masked_composed_attention_gives() {
+        // A window of 3 cuts into every sequence below (totals 5, 4, 5), in the prefix and in the own rows.
+        check_against_composed_attention(Some(3));
+    }
+
+    fn check_against_composed_attention(window: Option<usize>) {
         let device = Device::Cpu;
-        let shape = AttentionShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let shape = AttentionShape::new(4, 2, 8).with_window(window);
         let rotary = Rotary::new(8, 10_000.0, 64, RotaryLayout::HalfSplit, DType::F32, &device).unwrap();
         let (starts, own) = (vec![3usize, 1, 4], vec![2usize, 3, 1]);
         let totals: Vec<usize> = starts.iter().zip(&own).map(|(s, l)| s + l).collect();

@@ -4,6 +4,9 @@
 //! token types and the name of its pre-tokenizer (`tokenizer.ggml.pre`). [`from_gguf`] writes the equivalent
 //! Hugging Face `tokenizer.json` document and hands it to the tokenizers crate, so a GGUF file alone is enough to
 //! tokenise exactly as the original checkpoint did. Unknown pre-tokenizer names are refused rather than guessed.
+//! Gemma's SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`, no merges stored) is rebuilt as a byte-fallback
+//! BPE by [`sentencepiece`](super::sentencepiece). [`gguf_bos`] says which BOS token, if any, the file asks to put
+//! before every sequence.
 
 use std::path::Path;
 
@@ -12,6 +15,7 @@ use serde_json::{Value as Json, json};
 use tokenizers::Tokenizer;
 
 use super::gguf::GgufFile;
+use super::sentencepiece;
 use crate::error::{Error, Result};
 
 /// Reads a `tokenizer.json`.
@@ -44,22 +48,36 @@ fn pre_tokenizer(pre: &str, path: &str) -> Result<Json> {
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types (llama.cpp `llama_token_type`).
-const TOKEN_TYPE_CONTROL: i32 = 3;
+pub(super) const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-/// Rebuilds the tokenizer stored in a GGUF file's metadata.
+/// Rebuilds the tokenizer stored in a GGUF file's metadata: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) or
+/// Gemma's SentencePiece vocabulary (`"llama"`).
 pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
     let path = file.path().display().to_string();
     let model = file.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(Error::model_file(
-            &path,
-            format!("tokenizer.ggml.model `{model}`: only byte-level BPE (`gpt2`) tokenizers are rebuilt from GGUF"),
-        ));
-    }
+    let document = match model.as_str() {
+        "gpt2" => byte_level_document(file, &path)?,
+        "llama" => sentencepiece::document(file)?,
+        other => {
+            return Err(Error::model_file(
+                &path,
+                format!(
+                    "tokenizer.ggml.model `{other}`: only byte-level BPE (`gpt2`) and Gemma's SentencePiece (`llama`) \
+                     tokenizers are rebuilt from GGUF"
+                ),
+            ));
+        }
+    };
+    let text = serde_json::to_string(&document).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    text.parse::<Tokenizer>().map_err(|e| Error::model_file(&path, format!("rebuilding the tokenizer: {e}")))
+}
+
+/// The `tokenizer.json` document of a byte-level BPE (`gpt2`) vocabulary.
+fn byte_level_document(file: &GgufFile, path: &str) -> Result<Json> {
     let pre = file.string("tokenizer.ggml.pre").unwrap_or_else(|_| "default".to_string());
-    let tokens = strings(file.array("tokenizer.ggml.tokens")?, "tokenizer.ggml.tokens", &path)?;
-    let merges = strings(file.array("tokenizer.ggml.merges")?, "tokenizer.ggml.merges", &path)?;
+    let tokens = strings(file.array("tokenizer.ggml.tokens")?, "tokenizer.ggml.tokens", path)?;
+    let merges = strings(file.array("tokenizer.ggml.merges")?, "tokenizer.ggml.merges", path)?;
     let types: Vec<i32> = match file.array("tokenizer.ggml.token_type") {
         Ok(values) => values.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         Err(_) => vec![1; tokens.len()],
@@ -75,13 +93,13 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
                    "normalized": false, "special": types[id] == TOKEN_TYPE_CONTROL})
         })
         .collect();
-    let document = json!({
+    Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(&pre, &path)?,
+        "pre_tokenizer": pre_tokenizer(&pre, path)?,
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
@@ -89,19 +107,64 @@ pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer> {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges,
         }
-    });
-    let text = serde_json::to_string(&document).map_err(|e| Error::Tokenizer(e.to_string()))?;
-    text.parse::<Tokenizer>().map_err(|e| Error::model_file(&path, format!("rebuilding the tokenizer: {e}")))
+    }))
 }
 
-fn strings(values: &[Value], key: &str, path: &str) -> Result<Vec<String>> {
+/// The strings of a metadata array, or an error naming the file and key.
+pub(super) fn strings(values: &[Value], key: &str, path: &str) -> Result<Vec<String>> {
     values
         .iter()
         .map(|v| v.to_string().cloned().map_err(|e| Error::model_file(path, format!("metadata `{key}`: {e}"))))
         .collect()
 }
 
-/// Token ids of `text` without special tokens (no BOS), the convention of the perplexity metric.
+/// The BOS token id to put before every sequence, when the GGUF file asks for one.
+///
+/// `tokenizer.ggml.add_bos_token` says whether to (when absent, llama.cpp's default: yes for SentencePiece (`llama`)
+/// vocabularies, no for others) and `tokenizer.ggml.bos_token_id` which token. None when the file asks for no BOS.
+pub fn gguf_bos(file: &GgufFile) -> Result<Option<u32>> {
+    const ADD: &str = "tokenizer.ggml.add_bos_token";
+    const ID: &str = "tokenizer.ggml.bos_token_id";
+    let path = file.path().display().to_string();
+    let add = match file.metadata().get(ADD) {
+        Some(value) => value.to_bool().map_err(|e| Error::model_file(&path, format!("metadata `{ADD}`: {e}")))?,
+        None => file.string("tokenizer.ggml.model").is_ok_and(|model| model == "llama"),
+    };
+    if !add {
+        return Ok(None);
+    }
+    let id = file.usize(ID)?;
+    let vocabulary = file.array("tokenizer.ggml.tokens")?.len();
+    if id >= vocabulary {
+        return Err(Error::model_file(
+            &path,
+            format!("metadata `{ID}` = {id} is outside the vocabulary of {vocabulary} tokens"),
+        ));
+    }
+    let id = u32::try_from(id).map_err(|_| Error::model_file(&path, format!("metadata `{ID}` = {id} is too large")))?;
+    Ok(Some(id))
+}
+
+/// Token ids of `text` without special tokens (no BOS).
 pub fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(tokenizer.encode(text, false)?.get_ids().to_vec())
+}
+
+/// The BOS token a GGUF file names (`tokenizer.ggml.bos_token_id`), whether or not it asks for it to be added.
+pub fn gguf_bos_token(file: &GgufFile) -> Result<Option<u32>> {
+    if file.metadata().contains_key("tokenizer.ggml.bos_token_id") {
+        Ok(Some(file.usize("tokenizer.ggml.bos_token_id")? as u32))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The BOS token of a `tokenizer.json` tokenizer: the single token its post-processor puts before an empty text,
+/// if it does (Llama's `<s>`, Gemma's `<bos>`).
+pub fn bos_of(tokenizer: &Tokenizer) -> Option<u32> {
+    let ids = tokenizer.encode("", true).ok()?.get_ids().to_vec();
+    match ids.as_slice() {
+        [id] => Some(*id),
+        _ => None,
+    }
 }

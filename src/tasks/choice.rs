@@ -76,7 +76,11 @@ pub fn predict(model: &LoadedModel, items: &[ChoiceItem], token_budget: usize) -
                 "expected a non-empty context, at least one choice and a gold index among them",
             ));
         }
-        let options = item.choices.iter().map(|c| model.encode(&format!(" {c}"))).collect::<Result<Vec<Vec<u32>>>>()?;
+        let options = item
+            .choices
+            .iter()
+            .map(|c| model.encode_continuation(&format!(" {c}")))
+            .collect::<Result<Vec<Vec<u32>>>>()?;
         if options.iter().any(|o| o.is_empty()) {
             return Err(Error::invalid(format!("task item {index}"), "choices", "a choice encodes to no tokens"));
         }

@@ -108,18 +108,21 @@ fn check_mlp_projections(
     model.all_logits(ids, &hooks, Path::Fast).unwrap();
     let (input, pre, key) = (input.take().unwrap(), pre.take().unwrap(), key.take().unwrap());
     let width = model.dims().intermediate;
-    let gated = arch == "llama";
+    let gated = matches!(arch, "llama" | "gemma3");
     let up = model.network.weight(WeightId::MlpUp(layer)).unwrap();
     let up_out = if gated { pre.narrow(1, width, width).unwrap() } else { pre.clone() };
     let bias = (&up_out - input.matmul(&up.t().unwrap()).unwrap()).unwrap();
     if gated {
-        // Llama's projections have no bias: the product alone is the pre-activation.
+        // Llama's and Gemma's projections have no bias: the product alone is the pre-activation.
         assert!(max_abs_diff(&bias, &bias.zeros_like().unwrap()) < 1e-4, "{arch}: MlpInput · Wupᵀ ≠ up output");
         let gate = model.network.weight(WeightId::MlpGate(layer)).unwrap();
         let gate_out = input.matmul(&gate.t().unwrap()).unwrap();
         assert_close(&format!("{arch} gate output"), &pre.narrow(1, 0, width).unwrap(), &gate_out);
-        let silu = (&gate_out * candle_nn::ops::sigmoid(&gate_out).unwrap()).unwrap();
-        assert_close(&format!("{arch} key = silu(gate) · up"), &key, &(silu * up_out).unwrap());
+        let activated = match arch {
+            "gemma3" => gate_out.gelu().unwrap(),
+            _ => (&gate_out * candle_nn::ops::sigmoid(&gate_out).unwrap()).unwrap(),
+        };
+        assert_close(&format!("{arch} key = act(gate) · up"), &key, &(activated * up_out).unwrap());
     } else {
         // Every row has the same bias.
         let first = bias.narrow(0, 0, 1).unwrap().broadcast_as(bias.shape()).unwrap().contiguous().unwrap();
@@ -201,6 +204,13 @@ fn gpt2_checkpoint_without_transformer_prefix_loads() {
 #[test]
 fn gptj_matches_transformers() {
     check_architecture("gptj", "model.safetensors");
+}
+
+/// Gemma 3 with two sliding layers whose window (4 keys) cuts into the 9-token inputs, and two full ones with another
+/// rotary base: logits, hooks, overrides and ragged batches against transformers.
+#[test]
+fn gemma3_matches_transformers() {
+    check_architecture("gemma3", "model.safetensors");
 }
 
 #[test]

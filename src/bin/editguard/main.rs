@@ -171,7 +171,16 @@ fn main() -> Result<()> {
             for (id, entry) in &registry.models {
                 let marker = if *id == registry.default_model { "*" } else { " " };
                 let source = match &entry.source {
-                    Source::Pypi { package, version, .. } => format!("pypi {package}=={version}"),
+                    Source::Pypi { .. } => {
+                        let pieces = entry.source.pypi_pieces().unwrap_or_default();
+                        match pieces.as_slice() {
+                            [one] => format!("pypi {}=={}", one.package, one.version),
+                            [first, .., last] => {
+                                format!("pypi {}..{} ({} parts)", first.package, last.package, pieces.len())
+                            }
+                            [] => "pypi (incomplete)".to_string(),
+                        }
+                    }
                     Source::Hf { repo, revision, .. } => {
                         format!("hf {repo}@{}", &revision[..revision.len().min(12)])
                     }

@@ -33,7 +33,7 @@ pub fn target_batch(model: &LoadedModel, pairs: &[(String, String)]) -> Result<T
     let (mut sites, mut labels) = (Vec::new(), Vec::new());
     for (row, (prompt, target)) in pairs.iter().enumerate() {
         let prompt_ids = model.encode(prompt)?;
-        let target_ids = model.encode(&format!(" {}", target.trim()))?;
+        let target_ids = model.encode_continuation(&format!(" {}", target.trim()))?;
         if prompt_ids.is_empty() || target_ids.is_empty() {
             return Err(Error::invalid("(mend)", "request", format!("`{prompt}` → `{target}` tokenises to nothing")));
         }
