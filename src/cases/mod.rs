@@ -14,6 +14,7 @@
 
 pub mod write;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -179,6 +180,8 @@ struct SuiteFile {
     models: Vec<Spanned<String>>,
     #[serde(default)]
     tier: Tier,
+    #[serde(default)]
+    model_tiers: BTreeMap<String, Tier>,
     #[serde(default = "default_corpus")]
     corpus: String,
     #[serde(default)]
@@ -229,6 +232,9 @@ pub struct Suite {
     pub models: Vec<String>,
     /// Tier.
     pub tier: Tier,
+    /// Per model, a tier its tests take when it is heavier than the case's (`model_tiers = { gemma3-270m = "heavy" }`:
+    /// a larger model's tests of a default suite run in the heavy tier).
+    pub model_tiers: BTreeMap<String, Tier>,
     /// The perplexity corpus (`me-ppl-50`, `me-ppl-1k`, …).
     pub corpus: String,
     /// Number of edits (multi-edit settings).
@@ -297,6 +303,13 @@ impl Suite {
             registry
                 .get(model.get_ref())
                 .map_err(|e| Error::invalid(at(model.span()), format!("models[{i}]"), e.to_string()))?;
+        }
+        if let Some(stray) = file.model_tiers.keys().find(|id| !models.iter().any(|m| m.get_ref() == *id)) {
+            return Err(Error::invalid(
+                &origin,
+                format!("model_tiers.{stray}"),
+                "names a model the suite does not run (add it to `models`)",
+            ));
         }
         for (i, method) in file.methods.iter().enumerate() {
             let entry = method_entry(method.get_ref()).map_err(|_| {
@@ -428,6 +441,7 @@ impl Suite {
             methods: file.methods.iter().map(|m| m.get_ref().clone()).collect(),
             models: models.iter().map(|m| m.get_ref().clone()).collect(),
             tier: file.tier,
+            model_tiers: file.model_tiers,
             corpus: file.corpus,
             edits,
             batch_size,
@@ -494,13 +508,19 @@ impl Suite {
         }
     }
 
-    /// The tier of a test of this suite: the case's own tier when it names one, else the suite's.
-    pub fn tier_of(&self, case: &str) -> Tier {
-        self.cases
+    /// The tier of a test of this suite: the case's own tier when it names one, else the suite's; heavy whenever
+    /// the model's entry in `model_tiers` says heavy.
+    pub fn tier_of(&self, case: &str, model: &str) -> Tier {
+        let tier = self
+            .cases
             .iter()
             .find(|c| c.name.get_ref() == case)
             .and_then(|c| c.tier.as_ref().map(|t| *t.get_ref()))
-            .unwrap_or(self.tier)
+            .unwrap_or(self.tier);
+        match self.model_tiers.get(model) {
+            Some(Tier::Heavy) => Tier::Heavy,
+            _ => tier,
+        }
     }
 
     /// The expected outcome of (method, model, case) with its reason; `hold` when no expectation matches.

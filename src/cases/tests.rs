@@ -144,7 +144,7 @@ fn suites_name_known_tasks_and_a_positive_sample_size() {
 fn a_case_may_run_in_a_tier_of_its_own_in_single_suites_only() {
     let tiered = CASE.replacen("name = \"tesla\"", "name = \"tesla\"\ntier = \"default\"", 1);
     let suite = parse(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntier = \"heavy\"\n{tiered}")).unwrap();
-    assert_eq!((suite.tier_of("tesla"), suite.tier_of("darrieux")), (Tier::Default, Tier::Heavy));
+    assert_eq!((suite.tier_of("tesla", "tiny"), suite.tier_of("darrieux", "tiny")), (Tier::Default, Tier::Heavy));
     let specs = crate::harness::trial::plan(std::slice::from_ref(&suite));
     let heavy: Vec<(&str, bool)> = specs.iter().map(|s| (s.name.as_str(), s.heavy)).collect();
     assert!(heavy.contains(&("single::ft-l-inf::tiny::demo::tesla", false)), "{heavy:?}");
@@ -152,6 +152,29 @@ fn a_case_may_run_in_a_tier_of_its_own_in_single_suites_only() {
     assert!(heavy.contains(&("baseline::tiny::me-ppl-50", false)), "a default-tier case needs its baseline: {heavy:?}");
     let e = err(&format!("description = \"d\"\nsetting = \"sequential\"\nmethods = [\"ft-l-inf\"]\n{tiered}"));
     assert!(e.contains("cases[1].tier") && e.contains("one tier"), "{e}");
+}
+
+#[test]
+fn a_heavy_model_tier_makes_that_models_tests_heavy_and_nothing_else() {
+    let registry = REGISTRY.to_string()
+        + "\n[models.big]\narchitecture = \"llama\"\n\
+           source = { kind = \"path\", weights = [\"big.safetensors\"], config = \"c.json\", tokenizer = \"t.json\" }\n\
+           [models.big.methods.ft-l-inf]\nlayers = [0]\nlr = 5e-4\nnum_steps = 25\nbatch_size = 128\n\
+           norm_constraint = 5e-4\nobjective_optimization = \"prompt_last\"\n";
+    let registry = Registry::parse(&registry, "models.toml", Path::new(".")).unwrap();
+    let text = format!(
+        "description = \"d\"\nmethods = [\"ft-l-inf\"]\nmodels = [\"tiny\", \"big\"]\nmodel_tiers = {{ big = \"heavy\" }}\n{CASE}"
+    );
+    let suite = Suite::parse(&text, Path::new("cases/demo.toml"), &registry).unwrap();
+    assert_eq!((suite.tier_of("tesla", "tiny"), suite.tier_of("tesla", "big")), (Tier::Default, Tier::Heavy));
+    let specs = crate::harness::trial::plan(std::slice::from_ref(&suite));
+    let heavy: Vec<(&str, bool)> = specs.iter().map(|s| (s.name.as_str(), s.heavy)).collect();
+    assert!(heavy.contains(&("single::ft-l-inf::tiny::demo::tesla", false)), "{heavy:?}");
+    assert!(heavy.contains(&("single::ft-l-inf::big::demo::tesla", true)), "{heavy:?}");
+    assert!(heavy.contains(&("baseline::big::me-ppl-50", true)), "{heavy:?}");
+    let stray = text.replace("big = \"heavy\"", "huge = \"heavy\"");
+    let e = Suite::parse(&stray, Path::new("cases/demo.toml"), &registry).unwrap_err().to_string();
+    assert!(e.contains("model_tiers.huge") && e.contains("does not run"), "{e}");
 }
 
 #[test]

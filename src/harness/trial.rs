@@ -85,11 +85,11 @@ pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
     let mut task_baselines: BTreeMap<(String, String, usize, u64), bool> = BTreeMap::new();
     let mut edits = Vec::new();
     for (index, suite) in suites.iter().enumerate() {
-        let cases: Vec<(String, bool)> =
-            suite.trial_cases().into_iter().map(|c| (c.clone(), suite.tier_of(&c) == Tier::Heavy)).collect();
-        // A baseline is heavy only when every test that needs it is.
-        let heavy = cases.iter().all(|(_, heavy)| *heavy);
         for model in &suite.models {
+            let cases: Vec<(String, bool)> =
+                suite.trial_cases().into_iter().map(|c| (c.clone(), suite.tier_of(&c, model) == Tier::Heavy)).collect();
+            // A baseline is heavy only when every test that needs it is.
+            let heavy = cases.iter().all(|(_, heavy)| *heavy);
             let slot = baselines.entry((model.clone(), suite.corpus.clone())).or_insert(true);
             *slot &= heavy;
             for task in &suite.tasks {

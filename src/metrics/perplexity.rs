@@ -127,7 +127,12 @@ fn summarise(per_sentence: Vec<SentenceScore>, total: usize, tokens: usize, seco
     })
 }
 
-/// Negative log-likelihood of tokens 2..n of every row (each row at least two tokens long).
+/// At most this many logits (256 MiB of f32) exist at once: with Gemma's 262,144-token vocabulary, 256 rows; with
+/// SmolLM2's 49,152, the `logit_rows` option's 1,024 decide.
+pub const LOGIT_VALUES: usize = 1 << 26;
+
+/// Negative log-likelihood of tokens 2..n of every row (each row at least two tokens long), computed from the logits
+/// of row chunks so that a large vocabulary never needs all of them at once.
 pub fn batch_token_nll(model: &LoadedModel, rows: &[&[u32]], logit_rows: usize) -> Result<Vec<Vec<f64>>> {
     let batch = model.batch(rows)?;
     let hidden = model.hidden_states(&batch, &NoHooks, Path::Fast)?;
@@ -140,7 +145,8 @@ pub fn batch_token_nll(model: &LoadedModel, rows: &[&[u32]], logit_rows: usize) 
         }
     }
     let mut nll = Vec::with_capacity(sites.len());
-    for (site_chunk, target_chunk) in sites.chunks(logit_rows.max(1)).zip(targets.chunks(logit_rows.max(1))) {
+    let chunk = logit_rows.min(LOGIT_VALUES / model.dims().vocab.max(1)).max(1);
+    for (site_chunk, target_chunk) in sites.chunks(chunk).zip(targets.chunks(chunk)) {
         let logits = model.logits_at(&hidden, &batch.packing, site_chunk, Path::Fast)?;
         nll.extend(token_nll(&logits, target_chunk)?);
     }

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::activation::GateActivation;
+use super::gated_mlp::GatedMlp;
 use super::gguf::{GgufFile, GgufWeights};
 use super::hooks::{Hook, HookPoint};
 use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, gated_product, linear, rms_norm};
@@ -251,8 +252,7 @@ struct Block {
     o: Tensor,
     post_attention_norm: Tensor,
     pre_mlp_norm: Tensor,
-    gate_up: Tensor,
-    down: Tensor,
+    mlp: GatedMlp,
     post_mlp_norm: Tensor,
 }
 
@@ -319,7 +319,6 @@ impl Gemma3 {
                 get(p("self_attn.k_proj.weight"))?,
                 get(p("self_attn.v_proj.weight"))?,
             ];
-            let gate_up = [get(p("mlp.gate_proj.weight"))?, get(p("mlp.up_proj.weight"))?];
             Ok(Block {
                 input_norm: norm(p("input_layernorm.weight"))?,
                 qkv: Tensor::cat(&qkv, 0)?,
@@ -328,8 +327,11 @@ impl Gemma3 {
                 o: get(p("self_attn.o_proj.weight"))?,
                 post_attention_norm: norm(p("post_attention_layernorm.weight"))?,
                 pre_mlp_norm: norm(p("pre_feedforward_layernorm.weight"))?,
-                gate_up: Tensor::cat(&gate_up, 0)?,
-                down: get(p("mlp.down_proj.weight"))?,
+                mlp: GatedMlp::new(
+                    get(p("mlp.gate_proj.weight"))?,
+                    get(p("mlp.up_proj.weight"))?,
+                    get(p("mlp.down_proj.weight"))?,
+                )?,
                 post_mlp_norm: norm(p("post_feedforward_layernorm.weight"))?,
             })
         })?;
@@ -403,47 +405,29 @@ impl CausalLm for Gemma3 {
         let attended = rms_norm(&linear(&context, &b.o, None, path)?, &b.post_attention_norm, s.eps, path)?;
         let h = (h + attended)?;
         let x = hooks.visit(index, HookPoint::MlpInput, rms_norm(&h, &b.pre_mlp_norm, s.eps, path)?, packing)?;
-        let gate_up = hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.gate_up, None, path)?, packing)?;
+        let gate_up =
+            hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.mlp.gate_up, None, path)?, packing)?;
         let key = hooks.visit(
             index,
             HookPoint::MlpKey,
             gated_product(&gate_up, s.intermediate, s.activation, path)?,
             packing,
         )?;
-        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?, packing)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.mlp.down, None, path)?, packing)?;
         let h = (h + rms_norm(&mlp, &b.post_mlp_norm, s.eps, path)?)?;
         hooks.visit(index, HookPoint::BlockOutput, h, packing)
     }
 
     fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor> {
-        let b = self.blocks.get(layer)?;
-        let width = self.spec.intermediate;
-        match projection {
-            MlpProjection::Gate => b.gate_up.narrow(0, 0, width).ok(),
-            MlpProjection::Up => b.gate_up.narrow(0, width, width).ok(),
-            MlpProjection::Down => Some(b.down.clone()),
-        }
+        self.blocks.get(layer)?.mlp.weight(projection)
     }
 
-    /// Gate and up are rows of one stacked matrix: replacing one builds a new stack with the other half as it is,
-    /// and what is returned for the undo is the whole previous stack.
     fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor> {
-        let width = self.spec.intermediate;
-        let b = self.blocks.get_mut(layer)?;
-        let stacked = match projection {
-            MlpProjection::Gate => Tensor::cat(&[&value, &b.gate_up.narrow(0, width, width).ok()?], 0).ok()?,
-            MlpProjection::Up => Tensor::cat(&[&b.gate_up.narrow(0, 0, width).ok()?, &value], 0).ok()?,
-            MlpProjection::Down => return Some(std::mem::replace(&mut b.down, value)),
-        };
-        Some(std::mem::replace(&mut b.gate_up, stacked))
+        self.blocks.get_mut(layer)?.mlp.replace(projection, value)
     }
 
     fn restore_mlp_weight(&mut self, projection: MlpProjection, layer: usize, saved: Tensor) -> Option<()> {
-        let b = self.blocks.get_mut(layer)?;
-        match projection {
-            MlpProjection::Gate | MlpProjection::Up => b.gate_up = saved,
-            MlpProjection::Down => b.down = saved,
-        }
+        self.blocks.get_mut(layer)?.mlp.restore(projection, saved);
         Some(())
     }
 

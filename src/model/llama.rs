@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::activation::GateActivation;
+use super::gated_mlp::GatedMlp;
 use super::gguf::{GgufFile, GgufWeights};
 use super::hooks::{Hook, HookPoint};
 use super::layers::{AttentionShape, Path, Rotary, RotaryLayout, gated_product, linear, rms_norm};
@@ -154,8 +155,7 @@ struct Block {
     qkv: Tensor,
     o: Tensor,
     post_norm: Tensor,
-    gate_up: Tensor,
-    down: Tensor,
+    mlp: GatedMlp,
 }
 
 /// A loaded Llama network.
@@ -206,14 +206,16 @@ impl Llama {
                 get(p("self_attn.k_proj.weight"))?,
                 get(p("self_attn.v_proj.weight"))?,
             ];
-            let gate_up = [get(p("mlp.gate_proj.weight"))?, get(p("mlp.up_proj.weight"))?];
             Ok(Block {
                 input_norm: get(p("input_layernorm.weight"))?,
                 qkv: Tensor::cat(&qkv, 0)?,
                 o: get(p("self_attn.o_proj.weight"))?,
                 post_norm: get(p("post_attention_layernorm.weight"))?,
-                gate_up: Tensor::cat(&gate_up, 0)?,
-                down: get(p("mlp.down_proj.weight"))?,
+                mlp: GatedMlp::new(
+                    get(p("mlp.gate_proj.weight"))?,
+                    get(p("mlp.up_proj.weight"))?,
+                    get(p("mlp.down_proj.weight"))?,
+                )?,
             })
         })?;
         let embed = get("model.embed_tokens.weight".to_string())?;
@@ -277,43 +279,25 @@ impl CausalLm for Llama {
         let context = attention(index, &q, &k, &v, packing, shape, Some(&self.rotary), path, kv)?;
         let h = (h + linear(&context, &b.o, None, path)?)?;
         let x = hooks.visit(index, HookPoint::MlpInput, rms_norm(&h, &b.post_norm, eps, path)?, packing)?;
-        let gate_up = hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.gate_up, None, path)?, packing)?;
+        let gate_up =
+            hooks.visit(index, HookPoint::MlpPreActivation, linear(&x, &b.mlp.gate_up, None, path)?, packing)?;
         let width = c.intermediate_size;
         let key = gated_product(&gate_up, width, GateActivation::Silu, path)?;
         let key = hooks.visit(index, HookPoint::MlpKey, key, packing)?;
-        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.down, None, path)?, packing)?;
+        let mlp = hooks.visit(index, HookPoint::MlpOutput, linear(&key, &b.mlp.down, None, path)?, packing)?;
         hooks.visit(index, HookPoint::BlockOutput, (h + mlp)?, packing)
     }
 
     fn mlp_weight(&self, projection: MlpProjection, layer: usize) -> Option<Tensor> {
-        let b = self.blocks.get(layer)?;
-        let width = self.config.intermediate_size;
-        match projection {
-            MlpProjection::Gate => b.gate_up.narrow(0, 0, width).ok(),
-            MlpProjection::Up => b.gate_up.narrow(0, width, width).ok(),
-            MlpProjection::Down => Some(b.down.clone()),
-        }
+        self.blocks.get(layer)?.mlp.weight(projection)
     }
 
-    /// Gate and up are rows of one stacked matrix: replacing one builds a new stack with the other half as it is,
-    /// and what is returned for the undo is the whole previous stack.
     fn replace_mlp_weight(&mut self, projection: MlpProjection, layer: usize, value: Tensor) -> Option<Tensor> {
-        let width = self.config.intermediate_size;
-        let b = self.blocks.get_mut(layer)?;
-        let stacked = match projection {
-            MlpProjection::Gate => Tensor::cat(&[&value, &b.gate_up.narrow(0, width, width).ok()?], 0).ok()?,
-            MlpProjection::Up => Tensor::cat(&[&b.gate_up.narrow(0, 0, width).ok()?, &value], 0).ok()?,
-            MlpProjection::Down => return Some(std::mem::replace(&mut b.down, value)),
-        };
-        Some(std::mem::replace(&mut b.gate_up, stacked))
+        self.blocks.get_mut(layer)?.mlp.replace(projection, value)
     }
 
     fn restore_mlp_weight(&mut self, projection: MlpProjection, layer: usize, saved: Tensor) -> Option<()> {
-        let b = self.blocks.get_mut(layer)?;
-        match projection {
-            MlpProjection::Gate | MlpProjection::Up => b.gate_up = saved,
-            MlpProjection::Down => b.down = saved,
-        }
+        self.blocks.get_mut(layer)?.mlp.restore(projection, saved);
         Some(())
     }
 

@@ -11,6 +11,7 @@ pub mod decode;
 pub mod fast_exp;
 pub mod frozen;
 pub mod fused;
+pub mod gated_mlp;
 pub mod gemma3;
 pub mod generation;
 pub mod gguf;
