@@ -48,6 +48,8 @@ pub struct BenchReport {
     pub peak_memory_mib: Option<f64>,
     /// Logical CPUs seen.
     pub cpus: usize,
+    /// The same perplexity run by PyTorch/transformers in the same invocation (`--pytorch PYTHON`).
+    pub pytorch: Option<crate::bench_pytorch::PytorchRun>,
 }
 
 /// Throughput of one task.
@@ -144,6 +146,7 @@ pub fn run(
         task_speed,
         peak_memory_mib: peak_memory_mib(),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        pytorch: None,
     })
 }
 

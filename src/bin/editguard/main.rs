@@ -143,6 +143,10 @@ enum Command {
         /// Items per timed task.
         #[arg(long, default_value_t = 50)]
         task_items: usize,
+        /// Also run the perplexity through PyTorch/transformers with this Python interpreter (it needs torch,
+        /// transformers, gguf and accelerate), side by side in this run (GGUF models).
+        #[arg(long)]
+        pytorch: Option<String>,
     },
 }
 
@@ -443,7 +447,7 @@ fn main() -> Result<()> {
             let model = load(&registry, &id)?;
             correlate::run(args, &registry, cli.data_dir.clone(), model)?;
         }
-        Command::Bench { model, repeats, token_budget, json, methods, tasks, task_items } => {
+        Command::Bench { model, repeats, token_budget, json, methods, tasks, task_items, pytorch } => {
             let id = model_or_default(model);
             let sentences = Corpus::MePpl50.load(cli.data_dir.as_deref())?;
             let mut model = load(&registry, &id)?;
@@ -473,7 +477,17 @@ fn main() -> Result<()> {
                 (&tasks, &task_options),
             );
             bar.finish_and_clear();
-            let report = report?;
+            let mut report = report?;
+            if let Some(python) = pytorch {
+                let bar = spinner("running the same perplexity through PyTorch".to_string());
+                let files = editguard::source::fetch(&registry, &id)?;
+                let corpus = Corpus::MePpl50.locate(cli.data_dir.as_deref())?;
+                let bos = model.prepended_bos().is_some();
+                let threads = editguard::model::workers::threads();
+                let run = editguard::bench_pytorch::run(&python, &files.weights[0], &corpus, bos, threads, repeats);
+                bar.finish_and_clear();
+                report.pytorch = Some(run?);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -508,6 +522,23 @@ fn main() -> Result<()> {
                 match report.peak_memory_mib {
                     Some(mib) => println!("peak memory           {mib:.0} MiB"),
                     None => println!("peak memory           (not reported by this OS)"),
+                }
+                if let Some(torch) = &report.pytorch {
+                    println!(
+                        "PyTorch ME-PPL_50     {:.0} tokens/s ({} tokens in {:.2} s, mean ppl {:.2}; {} threads): \
+                         editguard is {:.2}x as fast",
+                        torch.tokens_per_second,
+                        torch.tokens,
+                        torch.seconds,
+                        torch.mean_sentence_ppl,
+                        torch.threads,
+                        report.ppl_tokens_per_second / torch.tokens_per_second
+                    );
+                    println!(
+                        "PyTorch load          {:.2} s, peak memory {:.0} MiB",
+                        torch.load_seconds, torch.peak_rss_mib
+                    );
+                    println!("                      ({})", torch.implementation);
                 }
             }
         }
