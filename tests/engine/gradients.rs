@@ -81,6 +81,11 @@ fn gptj_gradient_matches_finite_differences() {
     check_fixture("gptj");
 }
 
+#[test]
+fn gemma3_gradient_matches_finite_differences() {
+    check_fixture("gemma3");
+}
+
 /// On the real model (f32): the directional derivative along the gradient matches a central difference.
 #[test]
 fn default_model_gradient_matches_directional_difference() {

@@ -120,7 +120,8 @@ fn shared_context_scoring_equals_full_scoring_on_tiny_models() {
         },
         ChoiceItem { context: "<t20>".into(), choices: vec!["<t21>".into(), "<t22> <t23>".into()], gold: 1 },
     ];
-    for (arch, file) in [("llama", "model.safetensors"), ("gpt2", "model.safetensors"), ("gptj", "model.safetensors")] {
+    for arch in ["llama", "gpt2", "gptj", "gemma3"] {
+        let file = "model.safetensors";
         let model = fixture_model(arch, file, DType::F32);
         assert_shared_context_matches_full(&model, &items, 4096);
     }
@@ -177,7 +178,8 @@ fn cached_greedy_generation_equals_recomputing_every_step_on_tiny_models() {
     let common = "<t3> <t4> ".repeat(10);
     let shared = [format!("{common}<t7>"), format!("{common}<t8> <t9>")];
     let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
-    for (arch, file) in [("llama", "model.safetensors"), ("gpt2", "model.safetensors"), ("gptj", "model.safetensors")] {
+    for arch in ["llama", "gpt2", "gptj", "gemma3"] {
+        let file = "model.safetensors";
         let model = fixture_model(arch, file, DType::F32);
         assert_cached_generation_matches_naive(&model, &prompts, 6, 4096);
         assert_cached_generation_matches_naive(&model, &shared, 6, 4096);
