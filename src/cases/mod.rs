@@ -12,9 +12,9 @@
 //! Listing a suite's tests needs nothing but this file: single-setting suites over a dataset therefore name their
 //! records (`ids`); a seeded `sample` is for the multi-edit settings, which are one test per suite.
 
+pub mod tiers;
 pub mod write;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ use crate::harness::thresholds::ThresholdOverrides;
 use crate::methods::request::{EditRequest, LocalityProbe};
 use crate::methods::{METHODS, method_entry};
 use crate::registry::{Registry, line_of, parse_toml};
+use tiers::TierRule;
 
 /// How the edits of a suite are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -181,7 +182,7 @@ struct SuiteFile {
     #[serde(default)]
     tier: Tier,
     #[serde(default)]
-    model_tiers: BTreeMap<String, Tier>,
+    tiers: Vec<TierRule>,
     #[serde(default = "default_corpus")]
     corpus: String,
     #[serde(default)]
@@ -232,9 +233,8 @@ pub struct Suite {
     pub models: Vec<String>,
     /// Tier.
     pub tier: Tier,
-    /// Per model, a tier its tests take when it is heavier than the case's (`model_tiers = { gemma3-270m = "heavy" }`:
-    /// a larger model's tests of a default suite run in the heavy tier).
-    pub model_tiers: BTreeMap<String, Tier>,
+    /// `[[tiers]]`: selected tests in another tier (see [`tiers`]).
+    pub tier_rules: Vec<TierRule>,
     /// The perplexity corpus (`me-ppl-50`, `me-ppl-1k`, …).
     pub corpus: String,
     /// Number of edits (multi-edit settings).
@@ -303,13 +303,6 @@ impl Suite {
             registry
                 .get(model.get_ref())
                 .map_err(|e| Error::invalid(at(model.span()), format!("models[{i}]"), e.to_string()))?;
-        }
-        if let Some(stray) = file.model_tiers.keys().find(|id| !models.iter().any(|m| m.get_ref() == *id)) {
-            return Err(Error::invalid(
-                &origin,
-                format!("model_tiers.{stray}"),
-                "names a model the suite does not run (add it to `models`)",
-            ));
         }
         for (i, method) in file.methods.iter().enumerate() {
             let entry = method_entry(method.get_ref()).map_err(|_| {
@@ -441,7 +434,7 @@ impl Suite {
             methods: file.methods.iter().map(|m| m.get_ref().clone()).collect(),
             models: models.iter().map(|m| m.get_ref().clone()).collect(),
             tier: file.tier,
-            model_tiers: file.model_tiers,
+            tier_rules: file.tiers,
             corpus: file.corpus,
             edits,
             batch_size,
@@ -456,6 +449,14 @@ impl Suite {
             expectations: file.expect,
         };
         suite.check_expectations(text)?;
+        let single = suite.setting == Setting::Single;
+        let known = (suite.methods.as_slice(), suite.models.as_slice(), suite.case_names());
+        tiers::check(
+            &suite.tier_rules,
+            (known.0, known.1, &known.2),
+            single,
+            (&suite.path.display().to_string(), text),
+        )?;
         Ok(suite)
     }
 
@@ -508,19 +509,16 @@ impl Suite {
         }
     }
 
-    /// The tier of a test of this suite: the case's own tier when it names one, else the suite's; heavy whenever
-    /// the model's entry in `model_tiers` says heavy.
-    pub fn tier_of(&self, case: &str, model: &str) -> Tier {
-        let tier = self
+    /// The tier of a test of this suite: the last `[[tiers]]` entry selecting it, else the case's own tier when it
+    /// names one, else the suite's.
+    pub fn tier_of(&self, method: &str, model: &str, case: &str) -> Tier {
+        let fallback = self
             .cases
             .iter()
             .find(|c| c.name.get_ref() == case)
             .and_then(|c| c.tier.as_ref().map(|t| *t.get_ref()))
             .unwrap_or(self.tier);
-        match self.model_tiers.get(model) {
-            Some(Tier::Heavy) => Tier::Heavy,
-            _ => tier,
-        }
+        tiers::tier_of(&self.tier_rules, (method, model, case), self.setting == Setting::Single, fallback)
     }
 
     /// The expected outcome of (method, model, case) with its reason; `hold` when no expectation matches.

@@ -144,7 +144,8 @@ fn suites_name_known_tasks_and_a_positive_sample_size() {
 fn a_case_may_run_in_a_tier_of_its_own_in_single_suites_only() {
     let tiered = CASE.replacen("name = \"tesla\"", "name = \"tesla\"\ntier = \"default\"", 1);
     let suite = parse(&format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\ntier = \"heavy\"\n{tiered}")).unwrap();
-    assert_eq!((suite.tier_of("tesla", "tiny"), suite.tier_of("darrieux", "tiny")), (Tier::Default, Tier::Heavy));
+    let tiers = (suite.tier_of("ft-l-inf", "tiny", "tesla"), suite.tier_of("ft-l-inf", "tiny", "darrieux"));
+    assert_eq!(tiers, (Tier::Default, Tier::Heavy));
     let specs = crate::harness::trial::plan(std::slice::from_ref(&suite));
     let heavy: Vec<(&str, bool)> = specs.iter().map(|s| (s.name.as_str(), s.heavy)).collect();
     assert!(heavy.contains(&("single::ft-l-inf::tiny::demo::tesla", false)), "{heavy:?}");
@@ -155,26 +156,28 @@ fn a_case_may_run_in_a_tier_of_its_own_in_single_suites_only() {
 }
 
 #[test]
-fn a_heavy_model_tier_makes_that_models_tests_heavy_and_nothing_else() {
+fn tier_rules_move_selected_tests_and_the_last_match_decides() {
     let registry = REGISTRY.to_string()
         + "\n[models.big]\narchitecture = \"llama\"\n\
            source = { kind = \"path\", weights = [\"big.safetensors\"], config = \"c.json\", tokenizer = \"t.json\" }\n\
            [models.big.methods.ft-l-inf]\nlayers = [0]\nlr = 5e-4\nnum_steps = 25\nbatch_size = 128\n\
            norm_constraint = 5e-4\nobjective_optimization = \"prompt_last\"\n";
     let registry = Registry::parse(&registry, "models.toml", Path::new(".")).unwrap();
-    let text = format!(
-        "description = \"d\"\nmethods = [\"ft-l-inf\"]\nmodels = [\"tiny\", \"big\"]\nmodel_tiers = {{ big = \"heavy\" }}\n{CASE}"
-    );
+    let rules = "[[tiers]]\ntier = \"heavy\"\nmodels = [\"big\"]\n\n\
+                 [[tiers]]\ntier = \"default\"\nmodels = [\"big\"]\ncases = [\"tesla\"]\n";
+    let text = format!("description = \"d\"\nmethods = [\"ft-l-inf\"]\nmodels = [\"tiny\", \"big\"]\n{CASE}\n{rules}");
     let suite = Suite::parse(&text, Path::new("cases/demo.toml"), &registry).unwrap();
-    assert_eq!((suite.tier_of("tesla", "tiny"), suite.tier_of("tesla", "big")), (Tier::Default, Tier::Heavy));
+    let tier = |model: &str, case: &str| suite.tier_of("ft-l-inf", model, case);
+    let found = (tier("tiny", "darrieux"), tier("big", "darrieux"), tier("big", "tesla"));
+    assert_eq!(found, (Tier::Default, Tier::Heavy, Tier::Default));
     let specs = crate::harness::trial::plan(std::slice::from_ref(&suite));
     let heavy: Vec<(&str, bool)> = specs.iter().map(|s| (s.name.as_str(), s.heavy)).collect();
-    assert!(heavy.contains(&("single::ft-l-inf::tiny::demo::tesla", false)), "{heavy:?}");
-    assert!(heavy.contains(&("single::ft-l-inf::big::demo::tesla", true)), "{heavy:?}");
-    assert!(heavy.contains(&("baseline::big::me-ppl-50", true)), "{heavy:?}");
-    let stray = text.replace("big = \"heavy\"", "huge = \"heavy\"");
+    assert!(heavy.contains(&("single::ft-l-inf::big::demo::darrieux", true)), "{heavy:?}");
+    assert!(heavy.contains(&("single::ft-l-inf::big::demo::tesla", false)), "{heavy:?}");
+    assert!(heavy.contains(&("baseline::big::me-ppl-50", false)), "a default-tier test needs its baseline: {heavy:?}");
+    let stray = text.replace("models = [\"big\"]\ncases", "models = [\"huge\"]\ncases");
     let e = Suite::parse(&stray, Path::new("cases/demo.toml"), &registry).unwrap_err().to_string();
-    assert!(e.contains("model_tiers.huge") && e.contains("does not run"), "{e}");
+    assert!(e.contains("tiers[1].models[0]") && e.contains("`huge` is not one of"), "{e}");
 }
 
 #[test]

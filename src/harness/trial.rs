@@ -86,10 +86,10 @@ pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
     let mut edits = Vec::new();
     for (index, suite) in suites.iter().enumerate() {
         for model in &suite.models {
-            let cases: Vec<(String, bool)> =
-                suite.trial_cases().into_iter().map(|c| (c.clone(), suite.tier_of(&c, model) == Tier::Heavy)).collect();
+            let cases = suite.trial_cases();
+            let is_heavy = |method: &str, case: &str| suite.tier_of(method, model, case) == Tier::Heavy;
             // A baseline is heavy only when every test that needs it is.
-            let heavy = cases.iter().all(|(_, heavy)| *heavy);
+            let heavy = suite.methods.iter().all(|method| cases.iter().all(|case| is_heavy(method, case)));
             let slot = baselines.entry((model.clone(), suite.corpus.clone())).or_insert(true);
             *slot &= heavy;
             for task in &suite.tasks {
@@ -97,7 +97,8 @@ pub fn plan(suites: &[Suite]) -> Vec<TrialSpec> {
                 *task_baselines.entry(key).or_insert(true) &= heavy;
             }
             for method in &suite.methods {
-                for (case, heavy) in cases.iter().cloned() {
+                for case in cases.iter().cloned() {
+                    let heavy = is_heavy(method, &case);
                     edits.push(TrialSpec {
                         name: format!("{}::{method}::{model}::{}::{case}", suite.setting.name(), suite.name),
                         kind: TrialKind::Edit { suite: index, method: method.clone(), model: model.clone(), case },
