@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use super::{Kind, Noise, PromptTrace, TracePrompt, TraceSettings, next_token, target_token, trace_prompt};
+use super::{Kind, Noise, PromptTrace, TracePrompt, TraceSettings, target_token, top_tokens, trace_prompt};
 use crate::error::{Error, Result};
 use crate::methods::EditRequest;
 use crate::model::LoadedModel;
@@ -146,6 +146,9 @@ impl SampleReport {
     }
 }
 
+/// Records whose known-ness is checked in one packed clean pass.
+const FILTER_CHUNK: usize = 32;
+
 /// Progress of a sample trace: records examined and kept so far.
 #[derive(Debug, Clone, Copy)]
 pub struct SampleProgress {
@@ -175,27 +178,39 @@ pub fn trace_sample(
     progress: &mut dyn FnMut(SampleProgress),
 ) -> Result<SampleReport> {
     let started = std::time::Instant::now();
-    let (mut examined, mut unusable) = (0, 0);
+    let (mut examined, mut unusable_at) = (0, Vec::new());
     let (mut traces, mut ids) = (Vec::new(), Vec::new());
-    for (index, request) in ordered.iter().enumerate() {
-        if traces.len() == wanted {
-            break;
+    // Known facts are found a chunk of records at a time (one packed clean pass per chunk), then traced in order.
+    'chunks: for (chunk_index, chunk) in ordered.chunks(FILTER_CHUNK).enumerate() {
+        let mut candidates = Vec::new();
+        for (offset, request) in chunk.iter().enumerate() {
+            let index = chunk_index * FILTER_CHUNK + offset;
+            match (request.ground_truth.as_deref(), TracePrompt::new(model, &request.prompt, &request.subject)) {
+                (Some(truth), Ok(prompt)) => candidates.push((index, request, prompt, target_token(model, truth)?)),
+                _ => unusable_at.push(index),
+            }
         }
-        examined += 1;
-        let Some(truth) = request.ground_truth.as_deref() else { continue };
-        let Ok(prompt) = TracePrompt::new(model, &request.prompt, &request.subject) else {
-            unusable += 1;
-            continue;
-        };
-        let target = target_token(model, truth)?;
-        let (top, _) = next_token(model, &prompt.ids)?;
-        if top == target {
-            let noise = Noise::gaussian(model, &prompt, settings.noise_samples, noise_std, record_seed(seed, index))?;
-            traces.push(trace_prompt(model, &prompt, target, settings, &noise)?);
+        let prompts: Vec<&[u32]> = candidates.iter().map(|(_, _, prompt, _)| prompt.ids.as_slice()).collect();
+        let tops = top_tokens(model, &prompts)?;
+        let last_in_chunk = chunk_index * FILTER_CHUNK + chunk.len();
+        for ((index, request, prompt, target), top) in candidates.iter().zip(tops) {
+            if top != *target {
+                continue;
+            }
+            let noise = Noise::gaussian(model, prompt, settings.noise_samples, noise_std, record_seed(seed, *index))?;
+            traces.push(trace_prompt(model, prompt, *target, settings, &noise)?);
             ids.push(request.id.clone());
+            examined = index + 1;
+            progress(SampleProgress { examined, kept: traces.len() });
+            if traces.len() == wanted {
+                break 'chunks;
+            }
         }
+        examined = last_in_chunk;
         progress(SampleProgress { examined, kept: traces.len() });
     }
+    // Records after the last traced one in its chunk were looked at but do not count as examined.
+    let unusable = unusable_at.iter().filter(|&&index| index < examined).count();
     if traces.is_empty() {
         return Err(Error::invalid(
             "(trace)",

@@ -202,9 +202,11 @@ impl TracePrompt {
 
 /// The first token of a target as a continuation of a prompt (`" " + target`, no BOS).
 pub fn target_token(model: &LoadedModel, target: &str) -> Result<u32> {
-    model.encode_continuation(&format!(" {}", target.trim()))?.first().copied().ok_or_else(|| {
-        Error::invalid("(trace)", "target", format!("`{target}` has no tokens"))
-    })
+    model
+        .encode_continuation(&format!(" {}", target.trim()))?
+        .first()
+        .copied()
+        .ok_or_else(|| Error::invalid("(trace)", "target", format!("`{target}` has no tokens")))
 }
 
 /// The clean model's next-token prediction after `ids`: the top-1 token and every token's probability.
@@ -213,14 +215,30 @@ pub fn next_token(model: &LoadedModel, ids: &[u32]) -> Result<(u32, Vec<f64>)> {
     let hidden = model.hidden_states(&batch, &crate::model::NoHooks, Path::Fast)?;
     let logits = model.logits_at(&hidden, &batch.packing, &[(0, ids.len() - 1)], Path::Fast)?;
     let row = logits.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?;
-    let probabilities = softmax(&row);
-    let top = probabilities
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .ok_or_else(|| Error::invalid("(trace)", "logits", "empty vocabulary"))?;
-    Ok((top, probabilities))
+    Ok((top_token(&row)?, softmax(&row)))
+}
+
+/// The clean model's top-1 next token after each of `prompts`, in one packed pass.
+pub fn top_tokens(model: &LoadedModel, prompts: &[&[u32]]) -> Result<Vec<u32>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let batch = model.batch(prompts)?;
+    let hidden = model.hidden_states(&batch, &crate::model::NoHooks, Path::Fast)?;
+    let last: Vec<Site> = prompts.iter().enumerate().map(|(i, p)| (i, p.len() - 1)).collect();
+    let logits = model.logits_at(&hidden, &batch.packing, &last, Path::Fast)?;
+    logits.to_dtype(DType::F32)?.to_vec2::<f32>()?.iter().map(|row| top_token(row)).collect()
+}
+
+/// The arg-max of a row of logits (the first of equal maxima).
+fn top_token(row: &[f32]) -> Result<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in row.iter().enumerate() {
+        if best.is_none_or(|(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i as u32).ok_or_else(|| Error::invalid("(trace)", "logits", "empty vocabulary"))
 }
 
 /// Softmax in f64 of one row of logits.
@@ -388,12 +406,13 @@ pub fn trace_prompt(
     let clean = restore::clean_run(model, &prompt.ids, target)?;
     let corrupted = restore::corrupted_run(model, &prompt.ids, target, noise)?;
     let positions = prompt.positions(settings.positions);
-    let mut kinds = Vec::new();
-    for &kind in &settings.kinds {
-        let window = settings.window(kind);
-        let p_restored = restore::restored(model, &prompt.ids, target, kind, window, &positions, &clean, &corrupted)?;
-        kinds.push(KindTrace { kind, window, p_restored });
-    }
+    let windows: Vec<(Kind, usize)> = settings.kinds.iter().map(|&kind| (kind, settings.window(kind))).collect();
+    let restored = restore::restored(model, &prompt.ids, target, &windows, &positions, &clean, &corrupted)?;
+    let kinds = windows
+        .iter()
+        .zip(restored)
+        .map(|(&(kind, window), p_restored)| KindTrace { kind, window, p_restored })
+        .collect();
     let decode = |ids: &[u32]| model.tokenizer.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()));
     Ok(PromptTrace {
         prompt: prompt.clone(),

@@ -131,10 +131,17 @@ fn single(args: &TraceArgs, prompt: &str, subject: &str, model: &LoadedModel) ->
     println!("tokens      {}", marked_tokens(&trace));
     println!("target      {:?} (token {}, clean rank {rank})", trace.target, trace.target_id);
     println!("p(clean)    {:.4}", trace.p_clean);
-    println!("p(corrupt)  {:.4} ({} noise samples, std {described}, seed {})", trace.p_corrupted, noise.samples, args.seed);
+    println!(
+        "p(corrupt)  {:.4} ({} noise samples, std {described}, seed {})",
+        trace.p_corrupted, noise.samples, args.seed
+    );
     for kind in &trace.kinds {
         println!();
-        println!("indirect effect p(restored) − p(corrupted), restoring {} (window {}):", kind.kind.name(), kind.window);
+        println!(
+            "indirect effect p(restored) − p(corrupted), restoring {} (window {}):",
+            kind.kind.name(),
+            kind.window
+        );
         let mut header = format!("{:>5}", "layer");
         for &position in &trace.positions {
             header.push_str(&format!(" {:>9}", short_label(&trace, position)));
