@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use super::{Kind, Noise, PromptTrace, TracePrompt, TraceSettings, target_token, top_tokens, trace_prompt};
+use super::{Kind, Noise, Positions, PromptTrace, TracePrompt, TraceSettings, target_token, top_tokens, trace_prompt};
 use crate::error::{Error, Result};
 use crate::methods::EditRequest;
 use crate::model::LoadedModel;
@@ -43,6 +43,16 @@ impl Category {
         Category::FurtherTokens,
         Category::LastToken,
     ];
+
+    /// The categories averaged for traces restoring `positions`: with [`Positions::Key`] the restored tokens are the
+    /// subject's last and the prompt's last, which may also be a first subject token (a one-token subject) or the
+    /// first subsequent token (a subject right before the last token); only their own two categories are averaged.
+    pub fn averaged(positions: Positions) -> &'static [Category] {
+        match positions {
+            Positions::Key => &[Category::LastSubject, Category::LastToken],
+            Positions::All => &Category::ALL,
+        }
+    }
 
     /// A short label for tables and legends.
     pub fn label(self) -> &'static str {
@@ -219,7 +229,12 @@ pub fn trace_sample(
         ));
     }
     let layers = model.dims().layers;
-    let kinds = settings.kinds.iter().map(|&kind| average_kind(&traces, kind, settings.window(kind), layers)).collect();
+    let categories = Category::averaged(settings.positions);
+    let kinds = settings
+        .kinds
+        .iter()
+        .map(|&kind| average_kind(&traces, kind, settings.window(kind), layers, categories))
+        .collect();
     let mean = |f: &dyn Fn(&PromptTrace) -> f64| traces.iter().map(f).sum::<f64>() / traces.len() as f64;
     Ok(SampleReport {
         model: model.id.clone(),
@@ -240,9 +255,15 @@ pub fn trace_sample(
 }
 
 /// Per category, the mean over records of each record's mean effect over its positions in the category.
-fn average_kind(traces: &[PromptTrace], kind: Kind, window: usize, layers: usize) -> KindAverage {
+fn average_kind(
+    traces: &[PromptTrace],
+    kind: Kind,
+    window: usize,
+    layers: usize,
+    categories: &[Category],
+) -> KindAverage {
     let mut curves = Vec::new();
-    for category in Category::ALL {
+    for &category in categories {
         let mut total = vec![0.0; layers];
         let mut records = 0;
         for trace in traces {

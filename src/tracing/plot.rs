@@ -53,6 +53,7 @@ pub fn write_average_svg(report: &SampleReport, path: &Path) -> Result<()> {
         chart
             .configure_mesh()
             .x_desc("centre layer of the restored window")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("p(restored) − p(corrupted)")
             .draw()
             .map_err(|x| e(&x))?;
@@ -71,7 +72,7 @@ pub fn write_average_svg(report: &SampleReport, path: &Path) -> Result<()> {
                     .map_err(|x| e(&x))?;
             }
         }
-        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         Ok(())
     })
 }
