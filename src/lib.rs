@@ -17,6 +17,8 @@
 //! - [`tasks`] are the downstream tasks (PIQA, HellaSwag, MMLU, …) scored on an edited model.
 //! - [`mining`] finds the dataset records whose single edit collapses a model (`editguard mine`), with a journal,
 //!   a screen and a report.
+//! - [`tracing`] is ROME's causal tracing: which layers' hidden states and MLP outputs at which tokens carry a
+//!   fact's recall (`editguard trace`), for one prompt or averaged over known COUNTERFACT facts.
 //! - [`shrink`] reduces a collapsing multi-edit test to a minimal list of edits that still collapses (ddmin).
 //! - [`plotting`] holds what the SVG plots share.
 //! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory; [`bench_pytorch`]
@@ -43,5 +45,6 @@ pub mod runtime;
 pub mod shrink;
 pub mod source;
 pub mod tasks;
+pub mod tracing;
 
 pub use error::{Error, Result};

@@ -45,6 +45,12 @@ impl KvRecorder {
         }
     }
 
+    /// A recorder holding layers recorded earlier (from [`into_layers`](Self::into_layers)), so that one recorded
+    /// pass can feed several prefix caches (tensors are shared, not copied).
+    pub fn from_layers(layers: Vec<(usize, Tensor, Tensor)>) -> Self {
+        KvRecorder { layers: Mutex::new(layers) }
+    }
+
     /// The recorded `(layer, keys, values)`, keys unrotated.
     pub fn into_layers(self) -> Result<Vec<(usize, Tensor, Tensor)>> {
         self.layers.into_inner().map_err(|_| Error::invalid("(prefix cache)", "lock", "poisoned"))

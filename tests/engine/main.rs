@@ -11,3 +11,4 @@ mod mining;
 mod reference;
 mod support;
 mod tasks;
+mod tracing;

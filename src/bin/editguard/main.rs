@@ -1,9 +1,10 @@
-//! The `editguard` command line: list models and methods, fetch models, score tasks, measure perplexity, edit, collect statistics, benchmark.
+//! The `editguard` command line: list models and methods, fetch models, score tasks, measure perplexity, edit, collect statistics, trace, benchmark.
 
 mod correlate;
 mod edit;
 mod mine;
 mod shrink;
+mod trace;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +62,9 @@ enum Command {
     /// Mine hard cases: single edits over dataset records, keeping those that collapse the model (journaled,
     /// resumable, optionally screened); `--report JOURNAL` summarises a journal.
     Mine(mine::MineArgs),
+    /// Causal tracing (ROME §2.1): which layers' hidden states and MLP outputs carry a fact, for one prompt
+    /// (`--prompt --subject`) or averaged over known COUNTERFACT facts (`--sample N`).
+    Trace(trace::TraceArgs),
     /// Shrink a collapsing sequential or batch test to a minimal list of edits that still collapses (ddmin).
     Shrink(shrink::ShrinkArgs),
     /// Perplexity against edits of kept-edit suites, from their accepted snapshots: a table and an SVG (one panel
@@ -423,6 +427,11 @@ fn main() -> Result<()> {
             }
         }
         Command::Shrink(args) => shrink::run(args, cli.data_dir.clone())?,
+        Command::Trace(args) => {
+            let id = model_or_default(args.model.clone());
+            let model = load(&registry, &id)?;
+            trace::run(args, cli.data_dir.clone(), model)?;
+        }
         Command::Stats { model, layers, n } => {
             let id = model_or_default(model);
             let model = load(&registry, &id)?;
