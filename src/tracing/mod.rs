@@ -451,3 +451,36 @@ fn sites_of(samples: usize, position: usize) -> Vec<Site> {
 pub fn subject_tokens(prompts: &[TracePrompt]) -> Vec<u32> {
     prompts.iter().flat_map(|p| p.ids[p.subject_first..p.subject_end].iter().copied()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_follow_the_reference() {
+        // range(max(0, L − w // 2), min(n, L − (−w // 2)))
+        assert_eq!(window_layers(0, 10, 30), 0..5);
+        assert_eq!(window_layers(7, 10, 30), 2..12);
+        assert_eq!(window_layers(28, 10, 30), 23..30);
+        assert_eq!(window_layers(4, 1, 30), 4..5);
+        assert_eq!(window_layers(4, 3, 30), 3..6);
+        assert_eq!(window_layers(0, 0, 30), 0..1, "a zero window restores the centre layer");
+    }
+
+    #[test]
+    fn softmax_is_stable_and_normalised() {
+        let p = softmax(&[1000.0, 1000.0, f32::NEG_INFINITY]);
+        assert_eq!(p, vec![0.5, 0.5, 0.0]);
+        assert_eq!(top_token(&[0.0, 3.0, 3.0]).unwrap(), 1, "the first of equal maxima");
+        assert!(top_token(&[]).is_err());
+    }
+
+    #[test]
+    fn kinds_and_positions_parse() {
+        assert_eq!(Kind::parse_list("both").unwrap(), vec![Kind::Hidden, Kind::Mlp]);
+        assert_eq!(Kind::parse_list("MLP").unwrap(), vec![Kind::Mlp]);
+        assert!(Kind::parse_list("attn").unwrap_err().to_string().contains("expected mlp, hidden or both"));
+        assert_eq!(Positions::parse("all").unwrap(), Positions::All);
+        assert!(Positions::parse("some").is_err());
+    }
+}
