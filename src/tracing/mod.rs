@@ -8,14 +8,15 @@
 //! noise samples from a seeded generator, the same samples for every run of the prompt — and give p(corrupted), the
 //! mean over the samples. Restored runs are corrupted runs in which the clean state of one kind at one token and one
 //! layer (for the MLP a window of layers around it, as the reference does) is put back; the indirect effect of that
-//! state is p(restored) − p(corrupted). A large effect at the subject's last token in the middle layers' MLPs is the
-//! paper's finding, and the reason ROME edits there.
+//! state is p(restored) − p(corrupted). A large effect at the subject's last token in GPT-2-XL's middle-layer MLPs is
+//! the paper's finding, and the reason ROME edits there.
 //!
-//! The restored runs are batched: the corrupted runs record every layer's keys and values, and all restorations at
-//! one layer (every traced token × every noise sample) run as one packed batch that starts at the first layer the
-//! restoration can change and recomputes only the tokens from the restored one on (earlier tokens cannot see it;
-//! their keys and values come from the corrupted runs through a [`crate::model::PrefixCache`]). The results equal
-//! running every restoration from the embeddings up ([`patched_probability`], tested).
+//! The restored runs are batched: the corrupted runs record every layer's keys and values, and every restoration of
+//! the prompt (kind × centre layer × restored token × noise sample) runs in one sweep up the layers, joining the
+//! packed batch at the first layer it can change and holding only the tokens from the restored one on (earlier
+//! tokens cannot see it; their keys and values come from the corrupted runs through a
+//! [`crate::model::PrefixCache`]). The results equal running every restoration from the embeddings up
+//! ([`patched_probability`], tested).
 //!
 //! [`average`] traces a seeded sample of COUNTERFACT records the model knows and averages the effects per layer and
 //! token category; [`plot`] draws the average curves and single-prompt heat maps.
