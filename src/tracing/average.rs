@@ -288,3 +288,53 @@ fn average_kind(
     }
     KindAverage { kind, window, curves }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prompt(subject: std::ops::Range<usize>, tokens: usize) -> TracePrompt {
+        TracePrompt {
+            template: String::new(),
+            subject: String::new(),
+            ids: vec![0; tokens],
+            subject_first: subject.start,
+            subject_end: subject.end,
+        }
+    }
+
+    fn categories_of(prompt: &TracePrompt, position: usize) -> Vec<Category> {
+        Category::ALL.into_iter().filter(|c| c.contains(prompt, position)).collect()
+    }
+
+    #[test]
+    fn token_categories_are_the_papers() {
+        use Category::*;
+        let p = prompt(1..4, 8); // BOS, three subject tokens, four more
+        let expected: [&[Category]; 8] = [
+            &[],
+            &[FirstSubject],
+            &[MiddleSubject],
+            &[LastSubject],
+            &[FirstSubsequent],
+            &[FurtherTokens],
+            &[FurtherTokens],
+            &[LastToken],
+        ];
+        for (position, expected) in expected.iter().enumerate() {
+            assert_eq!(categories_of(&p, position), *expected, "position {position}");
+        }
+        // A one-token subject right before the last token: first and last subject; first subsequent and last.
+        let short = prompt(2..3, 4);
+        assert_eq!(categories_of(&short, 2), vec![FirstSubject, LastSubject]);
+        assert_eq!(categories_of(&short, 3), vec![FirstSubsequent, LastToken]);
+        assert_eq!(Category::averaged(Positions::Key), &[LastSubject, LastToken]);
+    }
+
+    #[test]
+    fn record_seeds_differ_and_repeat() {
+        assert_eq!(record_seed(0, 5), record_seed(0, 5));
+        assert_ne!(record_seed(0, 5), record_seed(0, 6));
+        assert_ne!(record_seed(0, 5), record_seed(1, 5));
+    }
+}

@@ -8,14 +8,15 @@
 //! noise samples from a seeded generator, the same samples for every run of the prompt — and give p(corrupted), the
 //! mean over the samples. Restored runs are corrupted runs in which the clean state of one kind at one token and one
 //! layer (for the MLP a window of layers around it, as the reference does) is put back; the indirect effect of that
-//! state is p(restored) − p(corrupted). A large effect at the subject's last token in the middle layers' MLPs is the
-//! paper's finding, and the reason ROME edits there.
+//! state is p(restored) − p(corrupted). A large effect at the subject's last token in GPT-2-XL's middle-layer MLPs is
+//! the paper's finding, and the reason ROME edits there.
 //!
-//! The restored runs are batched: the corrupted runs record every layer's keys and values, and all restorations at
-//! one layer (every traced token × every noise sample) run as one packed batch that starts at the first layer the
-//! restoration can change and recomputes only the tokens from the restored one on (earlier tokens cannot see it;
-//! their keys and values come from the corrupted runs through a [`crate::model::PrefixCache`]). The results equal
-//! running every restoration from the embeddings up ([`patched_probability`], tested).
+//! The restored runs are batched: the corrupted runs record every layer's keys and values, and every restoration of
+//! the prompt (kind × centre layer × restored token × noise sample) runs in one sweep up the layers, joining the
+//! packed batch at the first layer it can change and holding only the tokens from the restored one on (earlier
+//! tokens cannot see it; their keys and values come from the corrupted runs through a
+//! [`crate::model::PrefixCache`]). The results equal running every restoration from the embeddings up
+//! ([`patched_probability`], tested).
 //!
 //! [`average`] traces a seeded sample of COUNTERFACT records the model knows and averages the effects per layer and
 //! token category; [`plot`] draws the average curves and single-prompt heat maps.
@@ -450,4 +451,37 @@ fn sites_of(samples: usize, position: usize) -> Vec<Site> {
 /// The subjects' tokens of `prompts` (what the reference measures the noise scale on).
 pub fn subject_tokens(prompts: &[TracePrompt]) -> Vec<u32> {
     prompts.iter().flat_map(|p| p.ids[p.subject_first..p.subject_end].iter().copied()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_follow_the_reference() {
+        // range(max(0, L − w // 2), min(n, L − (−w // 2)))
+        assert_eq!(window_layers(0, 10, 30), 0..5);
+        assert_eq!(window_layers(7, 10, 30), 2..12);
+        assert_eq!(window_layers(28, 10, 30), 23..30);
+        assert_eq!(window_layers(4, 1, 30), 4..5);
+        assert_eq!(window_layers(4, 3, 30), 3..6);
+        assert_eq!(window_layers(0, 0, 30), 0..1, "a zero window restores the centre layer");
+    }
+
+    #[test]
+    fn softmax_is_stable_and_normalised() {
+        let p = softmax(&[1000.0, 1000.0, f32::NEG_INFINITY]);
+        assert_eq!(p, vec![0.5, 0.5, 0.0]);
+        assert_eq!(top_token(&[0.0, 3.0, 3.0]).unwrap(), 1, "the first of equal maxima");
+        assert!(top_token(&[]).is_err());
+    }
+
+    #[test]
+    fn kinds_and_positions_parse() {
+        assert_eq!(Kind::parse_list("both").unwrap(), vec![Kind::Hidden, Kind::Mlp]);
+        assert_eq!(Kind::parse_list("MLP").unwrap(), vec![Kind::Mlp]);
+        assert!(Kind::parse_list("attn").unwrap_err().to_string().contains("expected mlp, hidden or both"));
+        assert_eq!(Positions::parse("all").unwrap(), Positions::All);
+        assert!(Positions::parse("some").is_err());
+    }
 }

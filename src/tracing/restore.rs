@@ -1,10 +1,10 @@
 //! The runs of a causal trace: the clean run with every layer's states, the corrupted runs with their keys and
-//! values, and the restored runs, batched one centre layer at a time.
+//! values, and the restored runs, batched in one sweep up the layers.
 //!
 //! A restoration centred on layer `L` at token `t` changes nothing below the first layer of its window and nothing
 //! at tokens before `t` (attention is causal). Its run therefore starts from the corrupted runs' residual stream
 //! below the window, holds only the tokens from `t` on, and reads the earlier tokens' keys and values from the
-//! corrupted runs' recording. All restored tokens × noise samples of one centre layer are one packed batch.
+//! corrupted runs' recording. Every restoration joins one packed batch at its first computed layer ([`restored`]).
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -93,6 +93,7 @@ fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len() as f64
 }
 
+/// The clean run over `ids`, recording every layer's block and MLP outputs.
 pub(super) fn clean_run(model: &LoadedModel, ids: &[u32], target: u32) -> Result<CleanRun> {
     let layers = model.dims().layers;
     let batch = model.batch(&[ids])?;
@@ -112,6 +113,7 @@ fn noised_embeddings(model: &LoadedModel, ids: &[u32], noise: &Noise) -> Result<
     Ok((batch, embedded))
 }
 
+/// The corrupted runs (one sequence per noise sample), recording every layer's block output, keys and values.
 pub(super) fn corrupted_run(model: &LoadedModel, ids: &[u32], target: u32, noise: &Noise) -> Result<CorruptedRun> {
     let layers = model.dims().layers;
     let (batch, embedded) = noised_embeddings(model, ids, noise)?;
@@ -135,7 +137,8 @@ pub(super) fn corrupted_run(model: &LoadedModel, ids: &[u32], target: u32, noise
 /// Rows `index` of `x`.
 fn rows(x: &Tensor, index: &[usize]) -> Result<Tensor> {
     let index: Vec<u32> = index.iter().map(|&i| i as u32).collect();
-    let index = Tensor::from_vec(index.clone(), index.len(), x.device())?;
+    let count = index.len();
+    let index = Tensor::from_vec(index, count, x.device())?;
     Ok(x.index_select(&index, 0)?)
 }
 

@@ -210,3 +210,56 @@ fn smollm2_trace_locates_known_facts() {
     assert!(mean(&hidden.effect[early.clone()]) > mean(&last.effect[early]), "early layers");
     assert!(mean(&last.effect[late.clone()]) > mean(&hidden.effect[late]), "late layers");
 }
+
+/// `editguard trace` as a user runs it, on the tiny llama through a path registry: JSON and a heat map for one
+/// prompt; a clear error without a prompt or a sample.
+#[test]
+fn trace_command_writes_json_and_a_heat_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = crate::support::fixture_dir("llama");
+    let registry = dir.path().join("models.toml");
+    std::fs::write(
+        &registry,
+        format!(
+            "default_model = \"tiny\"\n\n[models.tiny]\narchitecture = \"llama\"\nsource = {{ kind = \"path\", \
+             weights = [\"{}\"], config = \"{}\", tokenizer = \"{}\" }}\n",
+            fixture.join("model.safetensors").display(),
+            fixture.join("config.json").display(),
+            crate::support::root().join("tests/fixtures/tokenizer.json").display()
+        ),
+    )
+    .unwrap();
+    let plot = dir.path().join("heat.svg");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_editguard"))
+            .arg("--registry")
+            .arg(&registry)
+            .args(args)
+            .output()
+            .expect("editguard runs")
+    };
+    let output = run(&[
+        "trace",
+        "--prompt",
+        PROMPT,
+        "--subject",
+        SUBJECT,
+        "--noise-samples",
+        "2",
+        "--json",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let trace: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(trace["prompt"]["subject_first"], 2);
+    assert_eq!(trace["positions"].as_array().unwrap().len(), 8, "every token");
+    assert_eq!(trace["kinds"][1]["kind"], "mlp");
+    assert_eq!(trace["kinds"][1]["window"], 10);
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+    let output = run(&["trace", "--subject", SUBJECT]);
+    assert!(!output.status.success());
+    let output = run(&["trace"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("--sample N"), "{stderr}");
+}
