@@ -124,7 +124,6 @@ pub(super) fn strings(values: &[Value], key: &str, path: &str) -> Result<Vec<Str
 /// vocabularies, no for others) and `tokenizer.ggml.bos_token_id` which token. None when the file asks for no BOS.
 pub fn gguf_bos(file: &GgufFile) -> Result<Option<u32>> {
     const ADD: &str = "tokenizer.ggml.add_bos_token";
-    const ID: &str = "tokenizer.ggml.bos_token_id";
     let path = file.path().display().to_string();
     let add = match file.metadata().get(ADD) {
         Some(value) => value.to_bool().map_err(|e| Error::model_file(&path, format!("metadata `{ADD}`: {e}")))?,
@@ -133,6 +132,23 @@ pub fn gguf_bos(file: &GgufFile) -> Result<Option<u32>> {
     if !add {
         return Ok(None);
     }
+    // Asked for, the BOS id must be there: a missing key is the file's error, not "no BOS".
+    file.value("tokenizer.ggml.bos_token_id")?;
+    gguf_bos_token(file)
+}
+
+/// Token ids of `text` without special tokens (no BOS).
+pub fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tokenizer.encode(text, false)?.get_ids().to_vec())
+}
+
+/// The BOS token a GGUF file names (`tokenizer.ggml.bos_token_id`), whether or not it asks for it to be added.
+pub fn gguf_bos_token(file: &GgufFile) -> Result<Option<u32>> {
+    const ID: &str = "tokenizer.ggml.bos_token_id";
+    if !file.metadata().contains_key(ID) {
+        return Ok(None);
+    }
+    let path = file.path().display().to_string();
     let id = file.usize(ID)?;
     let vocabulary = file.array("tokenizer.ggml.tokens")?.len();
     if id >= vocabulary {
@@ -143,20 +159,6 @@ pub fn gguf_bos(file: &GgufFile) -> Result<Option<u32>> {
     }
     let id = u32::try_from(id).map_err(|_| Error::model_file(&path, format!("metadata `{ID}` = {id} is too large")))?;
     Ok(Some(id))
-}
-
-/// Token ids of `text` without special tokens (no BOS).
-pub fn encode_plain(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(tokenizer.encode(text, false)?.get_ids().to_vec())
-}
-
-/// The BOS token a GGUF file names (`tokenizer.ggml.bos_token_id`), whether or not it asks for it to be added.
-pub fn gguf_bos_token(file: &GgufFile) -> Result<Option<u32>> {
-    if file.metadata().contains_key("tokenizer.ggml.bos_token_id") {
-        Ok(Some(file.usize("tokenizer.ggml.bos_token_id")? as u32))
-    } else {
-        Ok(None)
-    }
 }
 
 /// The BOS token of a `tokenizer.json` tokenizer: the single token its post-processor puts before an empty text,
