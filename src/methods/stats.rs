@@ -158,7 +158,9 @@ impl StatsCache {
     }
 }
 
-/// Reads a cached second moment; `None` if absent, unreadable, truncated or recorded under another key.
+/// Reads a cached second moment; `None` if absent, unreadable, truncated, recorded under another key, or if its
+/// values no longer hash to the sha256 recorded with them (then a warning names the file and both digests, and the
+/// caller computes the statistics again).
 pub fn read_cached(cache: &StatsCache, key: &StatsKey, device: &Device) -> Option<SecondMoment> {
     let path = cache.path(key);
     let bytes = std::fs::read(&path).ok()?;
@@ -168,6 +170,17 @@ pub fn read_cached(cache: &StatsCache, key: &StatsKey, device: &Device) -> Optio
         return None;
     }
     let tokens: u64 = metadata.get("tokens")?.parse().ok()?;
+    let recorded = metadata.get("sha256")?;
+    let view = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+    let actual = values_digest(view.tensor("mom2").ok()?.data());
+    if &actual != recorded {
+        eprintln!(
+            "warning: {}: the statistics' values have sha256 {actual}, the file records {recorded}: corrupt, computing \
+             them again",
+            path.display()
+        );
+        return None;
+    }
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).ok()?;
     let matrix = tensors.get("mom2")?.clone();
     let expected = matrix.dim(0).ok()?;
@@ -178,15 +191,25 @@ pub fn read_cached(cache: &StatsCache, key: &StatsKey, device: &Device) -> Optio
 pub fn write_cached(cache: &StatsCache, key: &StatsKey, moment: &SecondMoment) -> Result<()> {
     let path = cache.path(key);
     ensure_dir(path.parent().unwrap_or(std::path::Path::new(".")))?;
-    let metadata: HashMap<String, String> =
-        [("key".to_string(), key.describe()), ("tokens".to_string(), moment.tokens.to_string())].into();
     let data = moment.matrix.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let metadata: HashMap<String, String> = [
+        ("key".to_string(), key.describe()),
+        ("tokens".to_string(), moment.tokens.to_string()),
+        ("sha256".to_string(), values_digest(&bytes)),
+    ]
+    .into();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, moment.matrix.dims().to_vec(), &bytes)
         .map_err(|e| Error::invalid(path.display().to_string(), "mom2", e.to_string()))?;
     let serialized = safetensors::tensor::serialize([("mom2", view)], Some(metadata))
         .map_err(|e| Error::invalid(path.display().to_string(), "mom2", e.to_string()))?;
     crate::cache::write_atomic(&path, &serialized)
+}
+
+/// The sha256 of a tensor's little-endian bytes, recorded beside them.
+fn values_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    crate::cache::hex(&sha2::Sha256::digest(bytes))
 }
 
 /// Where a call to [`second_moments`] found each layer.

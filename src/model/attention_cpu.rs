@@ -3,16 +3,18 @@
 //! Going through candle, attention over a packed batch means padding every sequence to the longest, transposing,
 //! repeating key/value heads, a batched matrix product of many tiny matrices, a mask, a softmax and the way back;
 //! for short sentences that costs more than all the large matrix products of the layer together. This kernel reads
-//! the packed `q`, `k`, `v` rows directly, applies the rotary embedding in place, and for every sequence, head and
-//! query computes the causal softmax-weighted sum of values in f32, sequences shared out across the cores. It has no
-//! backward pass: the differentiable path keeps the composed candle version, and the architecture tests check both
-//! against the reference.
+//! the packed `q`, `k`, `v` rows directly, applies the rotary embedding in place, and splits the work into blocks —
+//! one key/value head, the query heads of its group at a run of positions of one sequence — that the tiled kernel
+//! ([`super::tiled_attention`]) computes, blocks shared out across the cores (so one long document uses every core).
+//! It has no backward pass: the differentiable path keeps the composed candle version, and the architecture tests
+//! check both against the reference.
 
 use candle_core::{DType, Tensor};
 
-use super::fast_exp::{exp_f32, with_simd};
+use super::fast_exp::with_simd;
 use super::layers::{AttentionShape, Rotary};
 use super::packing::Packing;
+use super::tiled_attention::{BLOCK_ROWS, KeyRows, Scratch, View, attend_block};
 use crate::error::Result;
 
 /// Causal attention of packed f32 rows `q: (rows, heads·d)`, `k, v: (rows, kv_heads·d)` → `(rows, heads·d)`.
@@ -34,21 +36,108 @@ pub fn packed_causal_attention(
         rotary.rotate_packed(&mut k_values, kv_heads, head_dim, &positions);
     }
     let mut out = vec![0f32; rows * heads * head_dim];
-    let kernel = Kernel { q: &q_values, k: &k_values, v: &v_values, shape };
-    let mut pieces = Vec::new();
-    let mut rest: &mut [f32] = &mut out;
-    let costs: Vec<usize> = packing.lengths().iter().map(|l| l * l).collect();
-    for (first, last) in share_out(&costs, super::workers::threads()) {
-        let offset: usize = packing.lengths()[..first].iter().sum();
-        let lengths = &packing.lengths()[first..last];
-        let (mine, others) = rest.split_at_mut(lengths.iter().sum::<usize>() * heads * head_dim);
-        rest = others;
-        pieces.push((offset, lengths, mine));
+    let mut blocks = Vec::new();
+    let mut first_row = 0;
+    for &length in packing.lengths() {
+        blocks.extend(position_blocks(length, shape).map(|(kv_head, positions)| (first_row, kv_head, positions)));
+        first_row += length;
     }
-    super::workers::for_each_item(pieces, |(offset, lengths, mine)| {
-        with_simd(|| kernel.sequences(offset, lengths, mine))
+    let target = SharedOutput::new(&mut out);
+    let q_width = heads * head_dim;
+    let kv_width = kv_heads * head_dim;
+    super::workers::for_each_item(blocks, |(first_row, kv_head, positions)| {
+        let length = positions.end;
+        let column = kv_head * head_dim;
+        let keys = KeyRows::single(&k_values[first_row * kv_width..], length, kv_width, column, head_dim);
+        let values = KeyRows::single(&v_values[first_row * kv_width..], length, kv_width, column, head_dim);
+        attend_positions(&q_values, first_row, 0, positions, kv_head, (&keys, &values), shape, &target);
     });
-    Ok(Tensor::from_vec(out, (rows, heads * head_dim), q.device())?.to_dtype(q.dtype())?)
+    Ok(Tensor::from_vec(out, (rows, q_width), q.device())?.to_dtype(q.dtype())?)
+}
+
+/// The blocks of one sequence of `length` tokens: for every key/value head, runs `a..b` of consecutive positions whose
+/// query rows (every head of the group at each position) fill a block of the tiled kernel.
+pub(crate) fn position_blocks(
+    length: usize,
+    shape: AttentionShape,
+) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
+    let group = shape.heads / shape.kv_heads;
+    let span = (BLOCK_ROWS / group).max(1);
+    (0..shape.kv_heads)
+        .flat_map(move |kv_head| (0..length).step_by(span).map(move |a| (kv_head, a..(a + span).min(length))))
+}
+
+/// Attention of the query rows of `positions` (every head of `kv_head`'s group) over `keys` and `values`, written into
+/// `target` at the rows the queries come from: the query of position `p` is packed row `first_row + p − offset` of
+/// `q` (`offset`: the position of the sequence's first row there, non-zero for own rows after a cached prefix).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_positions(
+    q: &[f32],
+    first_row: usize,
+    offset: usize,
+    positions: std::ops::Range<usize>,
+    kv_head: usize,
+    (keys, values): (&KeyRows, &KeyRows),
+    shape: AttentionShape,
+    target: &SharedOutput,
+) {
+    let AttentionShape { heads, kv_heads, head_dim, scale, window } = shape;
+    let group = heads / kv_heads;
+    let q_width = heads * head_dim;
+    // Row r of the block: position positions.start + r / group, head kv_head · group + r % group.
+    let rows: Vec<usize> = positions.clone().flat_map(|p| std::iter::repeat_n(p, group)).collect();
+    let offset_of = |r: usize| {
+        let row = first_row + rows[r] - offset;
+        row * q_width + (kv_head * group + r % group) * head_dim
+    };
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        with_simd(|| {
+            attend_block(
+                |r| &q[offset_of(r)..][..head_dim],
+                &rows,
+                keys,
+                values,
+                View { window },
+                scale,
+                &mut scratch,
+                // SAFETY: every (row, head) of the output belongs to exactly one block, and blocks are disjoint.
+                |r, row| unsafe { target.write(offset_of(r), row) },
+                None,
+            )
+        })
+    });
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// An output buffer that several threads fill at disjoint places.
+pub(crate) struct SharedOutput {
+    start: *mut f32,
+    len: usize,
+}
+
+// SAFETY: writers promise disjoint ranges (see `write`); the buffer outlives every use (borrowed for 'a by `new`'s
+// caller, which waits for the workers before reading it).
+unsafe impl Sync for SharedOutput {}
+unsafe impl Send for SharedOutput {}
+
+impl SharedOutput {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        SharedOutput { start: buffer.as_mut_ptr(), len: buffer.len() }
+    }
+
+    /// Copies `values` to `offset..offset + values.len()`.
+    ///
+    /// # Safety
+    /// No other thread may write or read that range meanwhile.
+    pub(crate) unsafe fn write(&self, offset: usize, values: &[f32]) {
+        assert!(offset + values.len() <= self.len, "write beyond the output");
+        // SAFETY: in bounds (checked), and the caller guarantees exclusive access to the range.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(offset), values.len()) };
+    }
 }
 
 /// Splits sequences into at most `threads` consecutive ranges of roughly equal total `costs` (e.g. length²).
@@ -69,59 +158,6 @@ pub(crate) fn share_out(costs: &[usize], threads: usize) -> Vec<(usize, usize)> 
         ranges.push((start, costs.len()));
     }
     ranges
-}
-
-struct Kernel<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    shape: AttentionShape,
-}
-
-impl Kernel<'_> {
-    /// Attention for consecutive sequences starting at packed row `offset`, written into `out` (their rows only).
-    #[inline(always)]
-    fn sequences(&self, offset: usize, lengths: &[usize], out: &mut [f32]) {
-        let AttentionShape { heads, kv_heads, head_dim, scale, .. } = self.shape;
-        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-        let group = heads / kv_heads;
-        let longest = lengths.iter().copied().max().unwrap_or(0);
-        let mut weights = vec![0f32; longest];
-        let mut first_row = offset;
-        let mut local_row = 0;
-        for &length in lengths {
-            for head in 0..heads {
-                let kv_column = (head / group) * head_dim;
-                for i in 0..length {
-                    // Keys outside a sliding window are skipped, not masked: the loops start at the first visible.
-                    let first = self.shape.first_visible(i);
-                    let query = &self.q[(first_row + i) * q_width + head * head_dim..][..head_dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, weight) in (first..=i).zip(weights[first..=i].iter_mut()) {
-                        let key = &self.k[(first_row + j) * kv_width + kv_column..][..head_dim];
-                        *weight = dot(query, key) * scale;
-                        max = max.max(*weight);
-                    }
-                    let mut total = 0f32;
-                    for weight in weights[first..=i].iter_mut() {
-                        *weight = exp_f32(*weight - max);
-                        total += *weight;
-                    }
-                    let target = &mut out[(local_row + i) * q_width + head * head_dim..][..head_dim];
-                    target.fill(0.0);
-                    for (j, &weight) in (first..=i).zip(weights[first..=i].iter()) {
-                        let value = &self.v[(first_row + j) * kv_width + kv_column..][..head_dim];
-                        let p = weight / total;
-                        for (t, &x) in target.iter_mut().zip(value) {
-                            *t += p * x;
-                        }
-                    }
-                }
-            }
-            first_row += length;
-            local_row += length;
-        }
-    }
 }
 
 /// Dot product with 16 independent accumulators, so that it vectorises.

@@ -4,19 +4,20 @@
 //! sequence keeps its own growing buffers of (rotated) keys and values per layer, and a prefix shared by all
 //! sequences (e.g. the few-shot examples every GSM8K prompt starts with) is stored once and read by all. A pass in
 //! [`KvMode::Decode`](super::KvMode::Decode) appends the batch's keys and values to the buffers of their sequences
-//! and attends, for each new token, to the shared prefix, the sequence's earlier tokens and itself. The kernel works
-//! on host `f32` values (like [`super::attention_cpu`]), sequences shared out across the cores; it has no backward
-//! pass, which decoding does not need.
+//! and attends, for each new token, to the shared prefix, the sequence's earlier tokens and itself, through the tiled
+//! kernel ([`super::tiled_attention`]: per sequence and key/value head, the new tokens of every query head of the group
+//! form one block, so each cached key and value row is read once for the whole group); blocks are shared out across
+//! the cores. It has no backward pass, which decoding does not need.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use super::attention_cpu::dot;
-use super::fast_exp::{exp_f32, with_simd};
+use super::attention_cpu::{SharedOutput, attend_positions, position_blocks};
 use super::layers::{AttentionShape, Rotary};
 use super::packing::Packing;
 use super::prefix::{KvRecorder, LayerLayouts};
+use super::tiled_attention::KeyRows;
 use crate::error::{Error, Result};
 
 /// Packed key rows (rotated) and value rows, `kv_heads·head_dim` values each.
@@ -137,99 +138,40 @@ pub fn decode_attention(
     }
     let shared = &cache.shared.layers[layer];
     let mut out = vec![0f32; packing.rows() * q_width];
-    let threads = super::workers::threads().min(packing.batch());
-    let per_thread = packing.batch().div_ceil(threads.max(1));
-    let mut pieces = Vec::new();
-    let mut rest: &mut [f32] = &mut out;
-    let mut first_row = 0;
-    for (index, sequences) in own.chunks(per_thread).enumerate() {
-        let lengths = &packing.lengths()[index * per_thread..index * per_thread + sequences.len()];
-        let rows: usize = lengths.iter().sum();
-        let (mine, others) = rest.split_at_mut(rows * q_width);
-        rest = others;
-        let queries = &q_values[first_row * q_width..(first_row + rows) * q_width];
-        first_row += rows;
-        pieces.push((sequences, lengths, queries, mine));
-    }
-    super::workers::for_each_item(pieces, |(sequences, lengths, queries, mine)| {
-        with_simd(|| {
-            let mut weights = Vec::new();
-            let mut query_row = 0;
-            for (rows, &length) in sequences.iter().zip(lengths) {
-                let visible_before = cache.shared.rows + rows.keys.len() / kv_width - length;
-                for i in 0..length {
-                    let query = &queries[(query_row + i) * q_width..][..q_width];
-                    let target = &mut mine[(query_row + i) * q_width..][..q_width];
-                    let parts = [shared, rows];
-                    attend(query, &parts, visible_before + i + 1, shape, &mut weights, target);
-                }
-                query_row += length;
-            }
+    // Blocks: per sequence and key/value head, runs of the new tokens (usually one: every query head of the group).
+    let first_rows: Vec<usize> = packing
+        .lengths()
+        .iter()
+        .scan(0, |row, &length| {
+            let first = *row;
+            *row += length;
+            Some(first)
         })
+        .collect();
+    let blocks: Vec<(usize, usize, std::ops::Range<usize>)> = (0..packing.batch())
+        .flat_map(|s| position_blocks(packing.lengths()[s], shape).map(move |(kv_head, new)| (s, kv_head, new)))
+        .collect();
+    let target = SharedOutput::new(&mut out);
+    let own = &*own;
+    super::workers::for_each_item(blocks, |(s, kv_head, new)| {
+        let cached = own[s].keys.len() / kv_width;
+        // Positions: the shared prefix, then the sequence's rows (the new ones last).
+        let before = cache.shared.rows + cached - packing.lengths()[s];
+        let column = kv_head * head_dim;
+        let keys = KeyRows {
+            parts: [(&shared.keys[..], cache.shared.rows), (&own[s].keys[..], cached)],
+            width: kv_width,
+            column,
+            head_dim,
+        };
+        let values = KeyRows {
+            parts: [(&shared.values[..], cache.shared.rows), (&own[s].values[..], cached)],
+            width: kv_width,
+            column,
+            head_dim,
+        };
+        let positions = before + new.start..before + new.end;
+        attend_positions(&q_values, first_rows[s], before, positions, kv_head, (&keys, &values), shape, &target);
     });
     Ok(Tensor::from_vec(out, (packing.rows(), q_width), q.device())?.to_dtype(q.dtype())?)
-}
-
-/// One query's attention over the rows it sees among the first `visible` rows of the concatenated `parts` (all of
-/// them, or the last `window` under a sliding window: earlier rows are skipped, not masked), written into `target`.
-/// Key and value rows are read once each for all heads, in memory order.
-#[inline(always)]
-fn attend(
-    query: &[f32],
-    parts: &[&KvRows; 2],
-    visible: usize,
-    shape: AttentionShape,
-    weights: &mut Vec<f32>,
-    target: &mut [f32],
-) {
-    let AttentionShape { heads, kv_heads, head_dim, scale, .. } = shape;
-    let kv_width = kv_heads * head_dim;
-    let group = heads / kv_heads;
-    let first = shape.first_visible(visible - 1);
-    let seen = visible - first;
-    weights.clear();
-    weights.resize(heads * seen, 0.0);
-    // The rows of each part that are seen, as (part, its first global row, local rows).
-    let mut spans = Vec::with_capacity(parts.len());
-    let mut start = 0;
-    for part in parts {
-        let rows = (part.keys.len() / kv_width).min(visible - start);
-        let local = first.saturating_sub(start).min(rows)..rows;
-        spans.push((*part, start, local));
-        start += rows;
-    }
-    for (part, start, local) in &spans {
-        for r in local.clone() {
-            let key = &part.keys[r * kv_width..][..kv_width];
-            for head in 0..heads {
-                let column = (head / group) * head_dim;
-                weights[head * seen + start + r - first] =
-                    dot(&query[head * head_dim..][..head_dim], &key[column..][..head_dim]) * scale;
-            }
-        }
-    }
-    for head in 0..heads {
-        let row = &mut weights[head * seen..][..seen];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
-        for weight in row.iter_mut() {
-            *weight = exp_f32(*weight - max);
-            total += *weight;
-        }
-        let inverse = 1.0 / total;
-        row.iter_mut().for_each(|w| *w *= inverse);
-    }
-    target.fill(0.0);
-    for (part, start, local) in &spans {
-        for r in local.clone() {
-            let value = &part.values[r * kv_width..][..kv_width];
-            for head in 0..heads {
-                let column = (head / group) * head_dim;
-                let p = weights[head * seen + start + r - first];
-                for (t, &x) in target[head * head_dim..][..head_dim].iter_mut().zip(&value[column..][..head_dim]) {
-                    *t += p * x;
-                }
-            }
-        }
-    }
 }

@@ -25,6 +25,7 @@ pub mod prefix;
 pub mod prefix_attention_cpu;
 pub mod sentencepiece;
 pub mod simd_matmul;
+pub mod tiled_attention;
 pub mod tokenizer;
 pub mod trained_product;
 pub mod weights;

@@ -19,9 +19,10 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::attention_cpu::{dot, share_out};
+use super::attention_cpu::{SharedOutput, attend_positions, dot, position_blocks, share_out};
 use super::fast_exp::{cpu_f32_values as values_of, exp_f32, with_simd};
 use super::layers::{AttentionShape, Rotary};
+use super::tiled_attention::KeyRows;
 use crate::error::Result;
 
 /// Where every sequence's rows lie: its prefix rows in the cache and its own rows in the packed batch.
@@ -197,29 +198,38 @@ impl PrefixAttention {
         vec![0f32; (first..last).map(|s| g.starts[s] + g.lengths[s]).max().unwrap_or(0)]
     }
 
-    /// The context rows `(rows, heads·d)` from rotated `q`, `k` and plain `v`.
+    /// The context rows `(rows, heads·d)` from rotated `q`, `k` and plain `v`, in tiles
+    /// ([`super::tiled_attention`]): per sequence and key/value head, runs of own positions over the prefix and own
+    /// keys they see.
     fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let g = &self.geometry;
-        let AttentionShape { heads, head_dim, scale, .. } = g.shape;
-        let q_width = heads * head_dim;
+        let AttentionShape { heads, kv_heads, head_dim, .. } = g.shape;
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let mut out = vec![0f32; g.lengths.iter().sum::<usize>() * q_width];
-        let pieces = split_rows(&mut out, g, q_width);
-        super::workers::for_each_item(pieces, |(first, last, out)| {
-            with_simd(|| {
-                let mut weights = self.scratch((first, last));
-                self.visit_queries((first, last), k, v, |query| {
-                    let column = query.head * head_dim;
-                    let seen = query.seen(&g.shape);
-                    let query_row = &q[query.row * q_width + column..][..head_dim];
-                    Self::weights(query_row, &query.keys, seen.clone(), scale, &mut weights);
-                    let target = &mut out[(query.local_first + query.i) * q_width + column..][..head_dim];
-                    for (j, &p) in seen.clone().zip(&weights[seen]) {
-                        for (t, &x) in target.iter_mut().zip(query.values.get(j)) {
-                            *t += p * x;
-                        }
-                    }
-                });
-            })
+        let (prefix_offsets, row_offsets) = (g.prefix_offsets(), g.row_offsets());
+        let blocks: Vec<(usize, usize, Range<usize>)> = (0..g.lengths.len())
+            .flat_map(|s| position_blocks(g.lengths[s], g.shape).map(move |(kv_head, own)| (s, kv_head, own)))
+            .collect();
+        let target = SharedOutput::new(&mut out);
+        super::workers::for_each_item(blocks, |(s, kv_head, own)| {
+            let (start, length, first_row) = (g.starts[s], g.lengths[s], row_offsets[s]);
+            let prefix = prefix_offsets[s] * kv_width..(prefix_offsets[s] + start) * kv_width;
+            let own_rows = first_row * kv_width..(first_row + length) * kv_width;
+            let column = kv_head * head_dim;
+            let keys = KeyRows {
+                parts: [(&self.prefix_k[prefix.clone()], start), (&k[own_rows.clone()], length)],
+                width: kv_width,
+                column,
+                head_dim,
+            };
+            let values = KeyRows {
+                parts: [(&self.prefix_v[prefix], start), (&v[own_rows], length)],
+                width: kv_width,
+                column,
+                head_dim,
+            };
+            let positions = start + own.start..start + own.end;
+            attend_positions(q, first_row, start, positions, kv_head, (&keys, &values), g.shape, &target);
         });
         out
     }

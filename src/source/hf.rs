@@ -3,12 +3,16 @@
 //! Files are looked up in the local Hub cache first (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`, the same layout the Python client writes), both through a branch ref and directly
 //! under `snapshots/<commit>` when the revision is a pinned commit. Only missing files are downloaded, and never when
-//! `HF_HUB_OFFLINE=1`. A `*.safetensors.index.json` weight entry expands to the shards its `weight_map` names.
+//! `HF_HUB_OFFLINE=1`. A `*.safetensors.index.json` weight entry expands to the shards its `weight_map` names. A cached
+//! large file is checked against the sha256 its blob is named by (through a content stamp, so it is hashed once and
+//! again only after the file changed) and refused, with both digests, when it no longer matches.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{ModelFiles, WeightFormat, format_of};
+use crate::cache::cache_root;
+use crate::cache::stamp::{self, Verdict};
 use crate::error::{Error, Result};
 
 /// Where the Hub cache lives and whether the network may be used.
@@ -47,9 +51,10 @@ impl HubCache {
         snapshot.is_file().then_some(snapshot)
     }
 
-    /// The cached copy of `file`, downloading it first when allowed.
+    /// The cached copy of `file`, downloading it first when allowed; a cached large file is verified by content.
     pub fn get(&self, id: &str, repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
         if let Some(path) = self.cached(repo, revision, file) {
+            verify_blob(id, &path, &cache_root().join("stamps").join("hf"))?;
             return Ok(path);
         }
         let fetch_error = |reason: String, remedy: &str| Error::Fetch {
@@ -75,6 +80,29 @@ impl HubCache {
                  or use a `path` source with local files",
             )
         })
+    }
+}
+
+/// Checks a cached Hub file whose blob is named by its sha256 (the Hub stores large, LFS-tracked files so, e.g. every
+/// weight file) against that name, through a content stamp kept in `stamps` (editguard's own cache: the Hub cache is
+/// not written to). Small files, whose blobs are named by a git object id, are not checked.
+fn verify_blob(id: &str, path: &Path, stamps: &Path) -> Result<()> {
+    let blob = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let Some(name) = blob.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(());
+    }
+    let expected = name.to_ascii_lowercase();
+    match stamp::verify(&blob, &stamps.join(format!("{expected}.stamp")), &expected)? {
+        Verdict::Stamped | Verdict::Rehashed | Verdict::Missing => Ok(()),
+        Verdict::Corrupt { actual } => Err(Error::Fetch {
+            id: id.to_string(),
+            what: format!("the cached Hub file {} (blob {})", path.display(), blob.display()),
+            reason: format!("its content is corrupt: sha256 {actual}, the Hub's blob name records {expected}"),
+            remedy: format!("delete {} so that the next run downloads it again", blob.display()),
+        }),
     }
 }
 
@@ -166,5 +194,31 @@ mod tests {
         let err = fetch("tiny", "org/tiny", "main", &["missing.safetensors".into()], &hub).unwrap_err().to_string();
         assert!(err.contains("model `tiny`") && err.contains("missing.safetensors"), "{err}");
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_blob_named_by_its_sha256_is_verified_and_a_corrupt_one_refused() {
+        const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        let snapshot = dir.path().join("snapshots").join(COMMIT);
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(blobs.join(ABC), b"abc").unwrap();
+        std::os::unix::fs::symlink(blobs.join(ABC), snapshot.join("model.safetensors")).unwrap();
+        std::fs::write(blobs.join("0123456789abcdef0123456789abcdef01234567"), b"{}").unwrap();
+        std::os::unix::fs::symlink(
+            blobs.join("0123456789abcdef0123456789abcdef01234567"),
+            snapshot.join("config.json"),
+        )
+        .unwrap();
+        let stamps = dir.path().join("stamps");
+        verify_blob("tiny", &snapshot.join("model.safetensors"), &stamps).unwrap();
+        verify_blob("tiny", &snapshot.join("config.json"), &stamps).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(blobs.join(ABC), b"abd").unwrap();
+        let error = verify_blob("tiny", &snapshot.join("model.safetensors"), &stamps).unwrap_err().to_string();
+        assert!(error.contains(ABC) && error.contains("corrupt") && error.contains("model.safetensors"), "{error}");
     }
 }

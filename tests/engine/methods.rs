@@ -106,7 +106,7 @@ fn bad_hyper_parameters_name_the_field() {
 }
 
 #[test]
-fn statistics_cache_is_reused_and_a_truncated_file_is_rebuilt() {
+fn statistics_cache_is_reused_and_a_truncated_or_corrupted_file_is_rebuilt() {
     let model = fixture_model("llama", "model.safetensors", DType::F32);
     let dir = tempfile::tempdir().unwrap();
     let cache = StatsCache { root: dir.path().to_path_buf() };
@@ -131,6 +131,16 @@ fn statistics_cache_is_reused_and_a_truncated_file_is_rebuilt() {
     assert_eq!(third[0].1, Provenance::Cached);
     assert_eq!(third[1].1, Provenance::Computed, "a truncated cache file must be rebuilt, not used");
     assert_eq!(max_abs(&(&first[1].0.matrix - &third[1].0.matrix).unwrap()), 0.0);
+
+    // Bytes flipped inside the values, size unchanged: still a readable safetensors file of the right key and shape,
+    // caught only by the recorded digest.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() - 8 * 3;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let fourth = second_moments_in(&cache, &model, &[0, 1], &corpus, None).unwrap();
+    assert_eq!(fourth[1].1, Provenance::Computed, "statistics with flipped bytes must be rebuilt, not used");
+    assert_eq!(max_abs(&(&first[1].0.matrix - &fourth[1].0.matrix).unwrap()), 0.0);
 }
 
 fn prefers(model: &LoadedModel, prompt: &str, better: &str, worse: &str) -> bool {

@@ -5,6 +5,8 @@
 //! meanwhile, and publish the result by writing a temporary file in the same directory and renaming it over the
 //! final name. A reader therefore sees either no file or a complete one, never a half-written one.
 
+pub mod stamp;
+
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
