@@ -4,7 +4,8 @@
 //! the cache and dequantisation), tokens/s of batched ME-PPL_50 perplexity, seconds per forward + backward step through
 //! the differentiable path for a short prompt with a vector injected at an MLP output (the inner loop of ROME), and
 //! the seconds per edit of each editing method (with the training time of a trained component such as MEND's editor),
-//! items/s of each downstream task on a seeded sample, and the process's peak resident memory.
+//! items/s of each downstream task on a seeded sample, and the process's peak resident memory; long documents and
+//! decoding over a long cache are in [`crate::bench_long`].
 
 use std::time::Instant;
 
@@ -50,6 +51,12 @@ pub struct BenchReport {
     pub cpus: usize,
     /// The same perplexity run by PyTorch/transformers in the same invocation (`--pytorch PYTHON`).
     pub pytorch: Option<crate::bench_pytorch::PytorchRun>,
+    /// Perplexity throughput on single long documents (`--long`).
+    pub long_documents: Vec<crate::bench_long::LongDocument>,
+    /// PyTorch on the same long documents, in the same order (with `--pytorch`).
+    pub pytorch_long: Vec<crate::bench_pytorch::PytorchRun>,
+    /// Greedy decoding over a long cache (`--decode-cache`).
+    pub decode: Option<crate::bench_long::DecodeSpeed>,
 }
 
 /// Throughput of one task.
@@ -147,6 +154,9 @@ pub fn run(
         peak_memory_mib: peak_memory_mib(),
         cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         pytorch: None,
+        long_documents: Vec::new(),
+        pytorch_long: Vec::new(),
+        decode: None,
     })
 }
 

@@ -21,13 +21,16 @@
 //!   fact's recall (`editguard trace`), for one prompt or averaged over known COUNTERFACT facts.
 //! - [`shrink`] reduces a collapsing multi-edit test to a minimal list of edits that still collapses (ddmin).
 //! - [`plotting`] holds what the SVG plots share.
-//! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory; [`bench_pytorch`]
-//!   runs the same perplexity through PyTorch/transformers beside it.
-//! - [`cache`] is the on-disk cache shared safely by concurrent test processes.
+//! - [`bench`] measures editguard itself: load time, throughput, gradient-step time, peak memory; [`bench_long`] long
+//!   documents and decoding over a long cache; [`bench_pytorch`] runs the same perplexity through PyTorch/transformers
+//!   beside it.
+//! - [`cache`] is the on-disk cache shared safely by concurrent test processes, with content stamps that prove a
+//!   cached file still holds the bytes once verified.
 //! - [`error`] is the library's error type, naming file, field and remedy.
 //! - [`runtime`] holds process-wide CPU settings (worker spinning, allocator thresholds) applied at start-up.
 
 pub mod bench;
+pub mod bench_long;
 pub mod bench_pytorch;
 pub mod cache;
 pub mod cases;

@@ -435,6 +435,10 @@ impl CausalLm for Gemma3 {
         &self.embed
     }
 
+    fn mlp_output_norm(&self, layer: usize) -> Option<(&Tensor, f64)> {
+        Some((&self.blocks.get(layer)?.post_mlp_norm, self.spec.eps))
+    }
+
     fn attention_layout(&self, layer: usize) -> (AttentionShape, Option<&Rotary>) {
         let (shape, rotary) = self.layout(layer);
         (shape, Some(rotary))

@@ -170,6 +170,11 @@ pub trait CausalLm: Send + Sync {
     /// The attention shape (heads, score scale, sliding window) and rotary embedding of layer `layer`, for building
     /// prefix and decoding caches.
     fn attention_layout(&self, layer: usize) -> (layers::AttentionShape, Option<&layers::Rotary>);
+    /// The RMS norm (weight, eps) a layer applies to its MLP output before adding it to the residual stream
+    /// (Gemma's post-feed-forward norm), or None where the MLP output is added as it is.
+    fn mlp_output_norm(&self, _layer: usize) -> Option<(&Tensor, f64)> {
+        None
+    }
     /// Final norm and output projection of residual rows `(n, hidden)` → logits `(n, vocab)`.
     fn logits(&self, rows: &Tensor, path: Path) -> Result<Tensor>;
     /// The current value of a weight.

@@ -1,5 +1,6 @@
 //! The `editguard` command line: list models and methods, fetch models, score tasks, measure perplexity, edit, collect statistics, trace, benchmark.
 
+mod bench;
 mod correlate;
 mod edit;
 mod mine;
@@ -124,34 +125,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         n: usize,
     },
-    /// Measure load time, perplexity throughput, gradient-step time and peak memory.
-    Bench {
-        /// Model id (default: the registry's default model).
-        #[arg(long)]
-        model: Option<String>,
-        /// Repeats per measurement (best/median reported).
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        /// Upper bound on padded tokens per forward pass.
-        #[arg(long, default_value_t = PerplexityOptions::default().token_budget)]
-        token_budget: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Editing methods to time (default: every method with hyper-parameters for the model; `none` for none).
-        #[arg(long, value_delimiter = ',')]
-        methods: Vec<String>,
-        /// Tasks to time (items/s on a seeded sample; default all; `none` for none).
-        #[arg(long, value_delimiter = ',', default_value = "all")]
-        tasks: Vec<String>,
-        /// Items per timed task.
-        #[arg(long, default_value_t = 50)]
-        task_items: usize,
-        /// Also run the perplexity through PyTorch/transformers with this Python interpreter (it needs torch,
-        /// transformers, gguf and accelerate), side by side in this run (GGUF models).
-        #[arg(long)]
-        pytorch: Option<String>,
-    },
+    /// Measure load time, perplexity throughput (short sentences and long documents), decoding, gradient-step time,
+    /// seconds per edit and peak memory.
+    Bench(bench::BenchArgs),
 }
 
 fn spinner(message: String) -> ProgressBar {
@@ -456,101 +432,7 @@ fn main() -> Result<()> {
             let model = load(&registry, &id)?;
             correlate::run(args, &registry, cli.data_dir.clone(), model)?;
         }
-        Command::Bench { model, repeats, token_budget, json, methods, tasks, task_items, pytorch } => {
-            let id = model_or_default(model);
-            let sentences = Corpus::MePpl50.load(cli.data_dir.as_deref())?;
-            let mut model = load(&registry, &id)?;
-            let methods: Vec<String> = match methods.as_slice() {
-                [] => registry.get(&id)?.methods.keys().cloned().collect(),
-                [none] if none == "none" => Vec::new(),
-                given => given.to_vec(),
-            };
-            let tasks = match tasks.as_slice() {
-                [none] if none == "none" => Vec::new(),
-                names => editguard::tasks::entries_named(names)?,
-            };
-            let bar = spinner("benchmarking".to_string());
-            let options = PerplexityOptions { token_budget, ..PerplexityOptions::default() };
-            let task_options = editguard::tasks::EvalOptions {
-                limit: Some(task_items),
-                data_dir: cli.data_dir.clone(),
-                ..Default::default()
-            };
-            let report = editguard::bench::run(
-                &mut model,
-                &registry,
-                &methods,
-                &sentences,
-                repeats,
-                options,
-                (&tasks, &task_options),
-            );
-            bar.finish_and_clear();
-            let mut report = report?;
-            if let Some(python) = pytorch {
-                let bar = spinner("running the same perplexity through PyTorch".to_string());
-                let files = editguard::source::fetch(&registry, &id)?;
-                let corpus = Corpus::MePpl50.locate(cli.data_dir.as_deref())?;
-                let bos = model.prepended_bos().is_some();
-                let threads = editguard::model::workers::threads();
-                let run = editguard::bench_pytorch::run(&python, &files.weights[0], &corpus, bos, threads, repeats);
-                bar.finish_and_clear();
-                report.pytorch = Some(run?);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("model                 {} on {} CPUs", report.model, report.cpus);
-                println!("load                  {:.2} s", report.load_seconds);
-                println!(
-                    "ME-PPL_50 perplexity  {:.0} tokens/s ({} tokens in {:.2} s, mean ppl {:.2})",
-                    report.ppl_tokens_per_second, report.ppl_tokens, report.ppl_seconds, report.ppl_mean
-                );
-                println!(
-                    "fwd+bwd step          {:.3} s ({}-token prompt, differentiable path)",
-                    report.step_seconds, report.step_prompt_tokens
-                );
-                for (method, first, second) in &report.edit_seconds {
-                    println!("{method:<21} {first:.2} s first edit (with context templates), {second:.2} s next edit");
-                }
-                for (method, trained) in &report.trained {
-                    let when = if trained.trained_now { "trained now" } else { "read from the cache" };
-                    println!(
-                        "{:<21} {:.0} s ({} steps; {when})",
-                        format!("{method} training"),
-                        trained.training_seconds,
-                        trained.steps
-                    );
-                }
-                for task in &report.task_speed {
-                    println!(
-                        "{:<21} {:.2} items/s ({} items in {:.1} s)",
-                        task.task, task.items_per_second, task.items, task.seconds
-                    );
-                }
-                match report.peak_memory_mib {
-                    Some(mib) => println!("peak memory           {mib:.0} MiB"),
-                    None => println!("peak memory           (not reported by this OS)"),
-                }
-                if let Some(torch) = &report.pytorch {
-                    println!(
-                        "PyTorch ME-PPL_50     {:.0} tokens/s ({} tokens in {:.2} s, mean ppl {:.2}; {} threads): \
-                         editguard is {:.2}x as fast",
-                        torch.tokens_per_second,
-                        torch.tokens,
-                        torch.seconds,
-                        torch.mean_sentence_ppl,
-                        torch.threads,
-                        report.ppl_tokens_per_second / torch.tokens_per_second
-                    );
-                    println!(
-                        "PyTorch load          {:.2} s, peak memory {:.0} MiB",
-                        torch.load_seconds, torch.peak_rss_mib
-                    );
-                    println!("                      ({})", torch.implementation);
-                }
-            }
-        }
+        Command::Bench(args) => bench::run(args, &registry, cli.data_dir.clone())?,
     }
     Ok(())
 }
