@@ -43,6 +43,8 @@ pub struct PerplexityReport {
     pub sentences: usize,
     /// Sentences skipped because they have fewer than two tokens.
     pub skipped_sentences: usize,
+    /// Their indices in the corpus.
+    pub skipped_indices: Vec<usize>,
     /// Tokens run through the model (all tokens of the scored sentences).
     pub tokens: usize,
     /// Tokens scored.
@@ -89,6 +91,21 @@ pub fn perplexity_of_ids(
 ) -> Result<PerplexityReport> {
     let started = Instant::now();
     let kept: Vec<&Vec<u32>> = sequences.iter().filter(|s| s.len() >= 2).collect();
+    let skipped: Vec<usize> = (0..sequences.len()).filter(|&i| sequences[i].len() < 2).collect();
+    if kept.is_empty() {
+        let shown: Vec<String> = skipped.iter().take(10).map(usize::to_string).collect();
+        let more = if skipped.len() > 10 { format!(" and {} more", skipped.len() - 10) } else { String::new() };
+        return Err(crate::error::Error::invalid(
+            "(corpus)",
+            "sentences",
+            format!(
+                "no sentence has the two tokens a perplexity needs (the first token is context only): sentences {}{} \
+                 have fewer after tokenisation",
+                shown.join(", "),
+                more
+            ),
+        ));
+    }
     let lengths: Vec<usize> = kept.iter().map(|s| s.len()).collect();
     let mut scores: Vec<Option<SentenceScore>> = vec![None; kept.len()];
     if let Some(bar) = progress {
@@ -106,7 +123,9 @@ pub fn perplexity_of_ids(
         }
     }
     let per_sentence: Vec<SentenceScore> = scores.into_iter().flatten().collect();
-    summarise(per_sentence, sequences.len(), lengths.iter().sum(), started.elapsed().as_secs_f64())
+    let mut report = summarise(per_sentence, sequences.len(), lengths.iter().sum(), started.elapsed().as_secs_f64())?;
+    report.skipped_indices = skipped;
+    Ok(report)
 }
 
 fn summarise(per_sentence: Vec<SentenceScore>, total: usize, tokens: usize, seconds: f64) -> Result<PerplexityReport> {
@@ -120,6 +139,7 @@ fn summarise(per_sentence: Vec<SentenceScore>, total: usize, tokens: usize, seco
         corpus_ppl: ensure_finite("corpus perplexity", if scored_tokens == 0 { f64::NAN } else { corpus })?,
         sentences,
         skipped_sentences: total - sentences,
+        skipped_indices: Vec::new(),
         tokens,
         scored_tokens,
         seconds,

@@ -50,7 +50,8 @@ pub fn packed_causal_attention(
         let column = kv_head * head_dim;
         let keys = KeyRows::single(&k_values[first_row * kv_width..], length, kv_width, column, head_dim);
         let values = KeyRows::single(&v_values[first_row * kv_width..], length, kv_width, column, head_dim);
-        attend_positions(&q_values, first_row, 0, positions, kv_head, (&keys, &values), shape, &target);
+        let block = BlockRows::new(first_row, 0, positions, kv_head, shape);
+        attend_positions(&q_values, &block, (&keys, &values), shape, &target, None);
     });
     Ok(Tensor::from_vec(out, (rows, q_width), q.device())?.to_dtype(q.dtype())?)
 }
@@ -67,35 +68,64 @@ pub(crate) fn position_blocks(
         .flat_map(move |kv_head| (0..length).step_by(span).map(move |a| (kv_head, a..(a + span).min(length))))
 }
 
-/// Attention of the query rows of `positions` (every head of `kv_head`'s group) over `keys` and `values`, written into
-/// `target` at the rows the queries come from: the query of position `p` is packed row `first_row + p − offset` of
-/// `q` (`offset`: the position of the sequence's first row there, non-zero for own rows after a cached prefix).
+/// The query rows of one block: every head of `kv_head`'s group at each position of a run, in position order. The
+/// query of position `p` is packed row `first_row + p − offset` (`offset`: the position of the sequence's first row
+/// there, non-zero for own rows after a cached prefix).
+pub(crate) struct BlockRows {
+    /// The position of each row of the block.
+    pub positions: Vec<usize>,
+    first_row: usize,
+    offset: usize,
+    kv_head: usize,
+    group: usize,
+}
+
+impl BlockRows {
+    pub(crate) fn new(
+        first_row: usize,
+        offset: usize,
+        positions: std::ops::Range<usize>,
+        kv_head: usize,
+        shape: AttentionShape,
+    ) -> Self {
+        let group = shape.heads / shape.kv_heads;
+        let positions = positions.flat_map(|p| std::iter::repeat_n(p, group)).collect();
+        BlockRows { positions, first_row, offset, kv_head, group }
+    }
+
+    /// The packed row of block row `r`.
+    #[inline(always)]
+    pub(crate) fn row(&self, r: usize) -> usize {
+        self.first_row + self.positions[r] - self.offset
+    }
+
+    /// The query head of block row `r`.
+    #[inline(always)]
+    pub(crate) fn head(&self, r: usize) -> usize {
+        self.kv_head * self.group + r % self.group
+    }
+}
+
+/// Attention of a block's query rows over `keys` and `values`, written into `target` (`(rows, heads·d)`) at the rows
+/// the queries come from, and each row's log-sum-exp into `log_sums` (`(rows, heads)`) when given.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_positions(
     q: &[f32],
-    first_row: usize,
-    offset: usize,
-    positions: std::ops::Range<usize>,
-    kv_head: usize,
+    block: &BlockRows,
     (keys, values): (&KeyRows, &KeyRows),
     shape: AttentionShape,
     target: &SharedOutput,
+    log_sums: Option<&SharedOutput>,
 ) {
-    let AttentionShape { heads, kv_heads, head_dim, scale, window } = shape;
-    let group = heads / kv_heads;
-    let q_width = heads * head_dim;
-    // Row r of the block: position positions.start + r / group, head kv_head · group + r % group.
-    let rows: Vec<usize> = positions.clone().flat_map(|p| std::iter::repeat_n(p, group)).collect();
-    let offset_of = |r: usize| {
-        let row = first_row + rows[r] - offset;
-        row * q_width + (kv_head * group + r % group) * head_dim
-    };
+    let AttentionShape { heads, head_dim, scale, window, .. } = shape;
+    let offset_of = |r: usize| (block.row(r) * heads + block.head(r)) * head_dim;
+    let mut block_sums = [0f32; super::tiled_attention::BLOCK_ROWS];
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         with_simd(|| {
             attend_block(
                 |r| &q[offset_of(r)..][..head_dim],
-                &rows,
+                &block.positions,
                 keys,
                 values,
                 View { window },
@@ -103,10 +133,16 @@ pub(crate) fn attend_positions(
                 &mut scratch,
                 // SAFETY: every (row, head) of the output belongs to exactly one block, and blocks are disjoint.
                 |r, row| unsafe { target.write(offset_of(r), row) },
-                None,
+                log_sums.map(|_| &mut block_sums[..]),
             )
         })
     });
+    if let Some(log_sums) = log_sums {
+        for r in 0..block.positions.len() {
+            // SAFETY: as for the output, one block owns each (row, head).
+            unsafe { log_sums.write(block.row(r) * heads + block.head(r), &block_sums[r..r + 1]) };
+        }
+    }
 }
 
 thread_local! {
@@ -140,66 +176,22 @@ impl SharedOutput {
     }
 }
 
-/// Splits sequences into at most `threads` consecutive ranges of roughly equal total `costs` (e.g. length²).
-pub(crate) fn share_out(costs: &[usize], threads: usize) -> Vec<(usize, usize)> {
-    let cost: usize = costs.iter().sum();
-    let target = cost.div_ceil(threads.max(1)).max(1);
-    let mut ranges = Vec::new();
-    let (mut start, mut accumulated) = (0, 0);
-    for (index, cost) in costs.iter().enumerate() {
-        accumulated += cost;
-        if accumulated >= target && ranges.len() + 1 < threads {
-            ranges.push((start, index + 1));
-            start = index + 1;
-            accumulated = 0;
-        }
-    }
-    if start < costs.len() {
-        ranges.push((start, costs.len()));
-    }
-    ranges
-}
-
-/// Dot product with 16 independent accumulators, so that it vectorises.
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a_chunks.zip(b_chunks) {
-        for ((lane, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
-            *lane += x * y;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shares_cover_all_sequences_in_order() {
-        let ranges = share_out(&[100, 1, 1, 100, 9], 2);
-        assert_eq!(ranges.first().unwrap().0, 0);
-        assert_eq!(ranges.last().unwrap().1, 5);
-        for pair in ranges.windows(2) {
-            assert_eq!(pair[0].1, pair[1].0);
-        }
-        assert_eq!(share_out(&[4], 8), vec![(0, 1)]);
-    }
 
     #[test]
     fn the_kernel_matches_composed_attention_with_and_without_a_window() {
         use crate::model::layers::{Path, RotaryLayout, causal_attention};
         use candle_core::Device;
         let device = Device::Cpu;
-        let rotary = Rotary::new(8, 10_000.0, 64, RotaryLayout::HalfSplit, DType::F32, &device).unwrap();
-        let packing = Packing::new(&[5, 9, 1], &device).unwrap();
-        let q = Tensor::randn(0f32, 1.0, (15, 32), &device).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (15, 16), &device).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (15, 16), &device).unwrap();
-        for window in [None, Some(1), Some(3), Some(9)] {
+        let rotary = Rotary::new(8, 10_000.0, 256, RotaryLayout::HalfSplit, DType::F32, &device).unwrap();
+        // A 150-token sequence spans several blocks of positions and of keys.
+        let packing = Packing::new(&[5, 9, 1, 150], &device).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (165, 32), &device).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (165, 16), &device).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (165, 16), &device).unwrap();
+        for window in [None, Some(1), Some(3), Some(9), Some(70)] {
             let shape = AttentionShape::new(4, 2, 8).with_window(window).with_scale(0.3);
             let ours = packed_causal_attention(&q, &k, &v, &packing, shape, Some(&rotary)).unwrap();
             let composed = causal_attention(&q, &k, &v, &packing, shape, Some(&rotary), Path::Differentiable).unwrap();

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use super::attention_cpu::{SharedOutput, attend_positions, position_blocks};
+use super::attention_cpu::{BlockRows, SharedOutput, attend_positions, position_blocks};
 use super::layers::{AttentionShape, Rotary};
 use super::packing::Packing;
 use super::prefix::{KvRecorder, LayerLayouts};
@@ -171,7 +171,8 @@ pub fn decode_attention(
             head_dim,
         };
         let positions = before + new.start..before + new.end;
-        attend_positions(&q_values, first_rows[s], before, positions, kv_head, (&keys, &values), shape, &target);
+        let block = BlockRows::new(first_rows[s], before, positions, kv_head, shape);
+        attend_positions(&q_values, &block, (&keys, &values), shape, &target, None);
     });
     Ok(Tensor::from_vec(out, (packing.rows(), q_width), q.device())?.to_dtype(q.dtype())?)
 }

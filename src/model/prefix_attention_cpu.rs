@@ -4,25 +4,26 @@
 //! attention reads the other tokens' keys and values from a [`super::prefix::PrefixCache`]. Composed from candle
 //! operations that attention is a gather of prefix and own keys, a repeat of key/value heads, padding, two batched
 //! products of tiny matrices, a mask and a softmax, and a backward pass through each: on the default model it took
-//! more of a step than the layer's large matrix products. This operation reads the packed rows directly (as the fast
-//! path's [`super::attention_cpu`] does), and its backward recomputes each query's attention weights `p` and applies
+//! more of a step than the layer's large matrix products. This operation reads the packed rows directly and runs in
+//! tiles ([`super::tiled_attention`]) both ways: the forward keeps each row's log-sum-exp, and the backward recomputes
+//! the attention weights `p` block by block from it and applies
 //!
-//! `∂s_j = p_j (∂p_j − Σ_l p_l ∂p_l)` with `∂p_j = ∂o · v_j`, then `∂q = c Σ_j ∂s_j k_j` (`c` the score scale, usually
-//! `1/√d`), and for the sequence's own keys and values `∂k_j += c ∂s_j q`, `∂v_j += p_j ∂o`, the sums running over the
-//! keys the query sees (all earlier ones, or those of its sliding window),
+//! `∂s_j = p_j (∂o·v_j − ∂o·o)`, then `∂q = c Σ_j ∂s_j k_j` (`c` the score scale, usually `1/√d`), and for the
+//! sequence's own keys and values `∂k_j += c Σ ∂s_j q`, `∂v_j += Σ p_j ∂o`, the sums running over the queries that
+//! see the key (all later ones, or those whose sliding window reaches it),
 //!
 //! and finally rotates the query and key gradients back (the rotary embedding is orthogonal, so its transpose is the
-//! inverse rotation). Prefix keys and values are constants. Sequences are shared out over the worker pool; each
-//! sequence's rows are written by one thread only, so results do not depend on timing.
+//! inverse rotation). Prefix keys and values are constants. Work items are (sequence, key/value head) pairs shared
+//! out over the worker pool; each owns its rows' gradients, so results do not depend on timing.
 
 use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::attention_cpu::{SharedOutput, attend_positions, dot, position_blocks, share_out};
-use super::fast_exp::{cpu_f32_values as values_of, exp_f32, with_simd};
+use super::attention_cpu::{BlockRows, SharedOutput, attend_positions, position_blocks};
+use super::fast_exp::{cpu_f32_values as values_of, with_simd};
 use super::layers::{AttentionShape, Rotary};
-use super::tiled_attention::KeyRows;
+use super::tiled_attention::{BackwardScratch, KeyRows, View, attend_block_backward};
 use crate::error::Result;
 
 /// Where every sequence's rows lie: its prefix rows in the cache and its own rows in the packed batch.
@@ -48,12 +49,6 @@ impl PrefixGeometry {
     /// Each own row's position in its sequence.
     fn positions(&self) -> Vec<usize> {
         self.starts.iter().zip(&self.lengths).flat_map(|(&s, &l)| s..s + l).collect()
-    }
-
-    /// Consecutive ranges of sequences of about equal attention cost, one per thread.
-    fn shares(&self) -> Vec<(usize, usize)> {
-        let costs: Vec<usize> = self.starts.iter().zip(&self.lengths).map(|(&s, &l)| (s + l) * l).collect();
-        share_out(&costs, super::workers::threads())
     }
 }
 
@@ -85,11 +80,12 @@ pub fn prefix_attention(
         geometry: geometry.clone(),
         rotary: rotary.cloned(),
         value: Vec::new(),
+        log_sums: Vec::new(),
     };
     let (mut q_rotated, mut k_rotated) = (values_of(&q)?, values_of(&k)?);
     op.rotate(&mut q_rotated, &mut k_rotated);
-    let value = op.forward(&q_rotated, &k_rotated, &values_of(&v)?);
-    Ok(q.apply_op3(&k, &v, PrefixAttention { value, ..op })?)
+    let (value, log_sums) = op.forward(&q_rotated, &k_rotated, &values_of(&v)?);
+    Ok(q.apply_op3(&k, &v, PrefixAttention { value, log_sums, ..op })?)
 }
 
 struct PrefixAttention {
@@ -99,38 +95,8 @@ struct PrefixAttention {
     rotary: Option<Rotary>,
     /// The forward value, computed before the op is recorded.
     value: Vec<f32>,
-}
-
-/// One sequence's view of the keys or values it attends to: its prefix rows, then its own rows.
-#[derive(Clone, Copy)]
-struct Rows<'a> {
-    prefix: &'a [f32],
-    own: &'a [f32],
-    start: usize,
-    width: usize,
-    column: usize,
-    head_dim: usize,
-}
-
-impl<'a> Rows<'a> {
-    /// Rows `ranges.0` of the cache and `ranges.1` of the batch, read at `column..column + head_dim`.
-    fn new(
-        cached: &'a [f32],
-        own: &'a [f32],
-        ranges: (std::ops::Range<usize>, std::ops::Range<usize>),
-        start: usize,
-        width: usize,
-        column: usize,
-        head_dim: usize,
-    ) -> Self {
-        Rows { prefix: &cached[ranges.0], own: &own[ranges.1], start, width, column, head_dim }
-    }
-
-    #[inline(always)]
-    fn get(&self, j: usize) -> &[f32] {
-        let (rows, j) = if j < self.start { (self.prefix, j) } else { (self.own, j - self.start) };
-        &rows[j * self.width + self.column..][..self.head_dim]
-    }
+    /// Each own row's and head's log-sum-exp of its scaled scores `(rows, heads)`, kept for the backward pass.
+    log_sums: Vec<f32>,
 }
 
 impl PrefixAttention {
@@ -143,185 +109,107 @@ impl PrefixAttention {
         }
     }
 
-    /// The attention weights of one query over the keys `seen` it sees, into `weights[seen]` (a sliding window
-    /// starts `seen` after 0; the keys before it are skipped, not masked).
-    #[inline(always)]
-    fn weights(query: &[f32], keys: &Rows, seen: Range<usize>, scale: f32, weights: &mut [f32]) {
-        let mut max = f32::NEG_INFINITY;
-        for (j, weight) in seen.clone().zip(weights[seen.clone()].iter_mut()) {
-            *weight = dot(query, keys.get(j)) * scale;
-            max = max.max(*weight);
-        }
-        let mut total = 0f32;
-        for weight in weights[seen.clone()].iter_mut() {
-            *weight = exp_f32(*weight - max);
-            total += *weight;
-        }
-        for weight in weights[seen].iter_mut() {
-            *weight /= total;
-        }
-    }
-
-    /// Calls `visit` for every sequence, head and own token of sequences `first..last`, in that order.
-    fn visit_queries<'a>(
-        &'a self,
-        (first, last): (usize, usize),
-        k: &'a [f32],
-        v: &'a [f32],
-        mut visit: impl FnMut(&Query<'a>),
-    ) {
+    /// Sequence `s`'s keys and values for `kv_head` (prefix rows, then own rows) from own rows `k` and `v`.
+    fn key_rows<'a>(&'a self, s: usize, kv_head: usize, k: &'a [f32], v: &'a [f32]) -> (KeyRows<'a>, KeyRows<'a>) {
         let g = &self.geometry;
-        let AttentionShape { heads, kv_heads, head_dim, .. } = g.shape;
+        let AttentionShape { kv_heads, head_dim, .. } = g.shape;
         let kv_width = kv_heads * head_dim;
-        let (prefix_offsets, row_offsets) = (g.prefix_offsets(), g.row_offsets());
-        for s in first..last {
-            let (start, rows) = (g.starts[s], row_offsets[s]);
-            let prefix = prefix_offsets[s] * kv_width..(prefix_offsets[s] + start) * kv_width;
-            let own = rows * kv_width..(rows + g.lengths[s]) * kv_width;
-            for head in 0..heads {
-                let column = head / (heads / kv_heads) * head_dim;
-                let view = |cached, own_values| {
-                    Rows::new(cached, own_values, (prefix.clone(), own.clone()), start, kv_width, column, head_dim)
-                };
-                let (keys, values) = (view(&self.prefix_k, k), view(&self.prefix_v, v));
-                for i in 0..g.lengths[s] {
-                    let local_first = rows - row_offsets[first];
-                    visit(&Query { row: rows + i, local_first, i, head, start, keys, values });
-                }
-            }
-        }
+        let (start, length) = (g.starts[s], g.lengths[s]);
+        let (prefix_first, first_row) = (g.prefix_offsets()[s], g.row_offsets()[s]);
+        let prefix = prefix_first * kv_width..(prefix_first + start) * kv_width;
+        let own = first_row * kv_width..(first_row + length) * kv_width;
+        let column = kv_head * head_dim;
+        let rows = |cached: &'a [f32], own_values: &'a [f32]| KeyRows {
+            parts: [(&cached[prefix.clone()], start), (&own_values[own.clone()], length)],
+            width: kv_width,
+            column,
+            head_dim,
+        };
+        (rows(&self.prefix_k, k), rows(&self.prefix_v, v))
     }
 
-    /// Scratch space for the attention weights of the longest sequence in `first..last`.
-    fn scratch(&self, (first, last): (usize, usize)) -> Vec<f32> {
+    /// The context rows `(rows, heads·d)` and log-sum-exps `(rows, heads)` from rotated `q`, `k` and plain `v`, in
+    /// tiles ([`super::tiled_attention`]): per sequence and key/value head, runs of own positions over the prefix
+    /// and own keys they see.
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let g = &self.geometry;
-        vec![0f32; (first..last).map(|s| g.starts[s] + g.lengths[s]).max().unwrap_or(0)]
-    }
-
-    /// The context rows `(rows, heads·d)` from rotated `q`, `k` and plain `v`, in tiles
-    /// ([`super::tiled_attention`]): per sequence and key/value head, runs of own positions over the prefix and own
-    /// keys they see.
-    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-        let g = &self.geometry;
-        let AttentionShape { heads, kv_heads, head_dim, .. } = g.shape;
-        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-        let mut out = vec![0f32; g.lengths.iter().sum::<usize>() * q_width];
-        let (prefix_offsets, row_offsets) = (g.prefix_offsets(), g.row_offsets());
+        let AttentionShape { heads, head_dim, .. } = g.shape;
+        let rows: usize = g.lengths.iter().sum();
+        let (mut out, mut log_sums) = (vec![0f32; rows * heads * head_dim], vec![0f32; rows * heads]);
+        let row_offsets = g.row_offsets();
         let blocks: Vec<(usize, usize, Range<usize>)> = (0..g.lengths.len())
             .flat_map(|s| position_blocks(g.lengths[s], g.shape).map(move |(kv_head, own)| (s, kv_head, own)))
             .collect();
-        let target = SharedOutput::new(&mut out);
+        let (target, sums) = (SharedOutput::new(&mut out), SharedOutput::new(&mut log_sums));
         super::workers::for_each_item(blocks, |(s, kv_head, own)| {
-            let (start, length, first_row) = (g.starts[s], g.lengths[s], row_offsets[s]);
-            let prefix = prefix_offsets[s] * kv_width..(prefix_offsets[s] + start) * kv_width;
-            let own_rows = first_row * kv_width..(first_row + length) * kv_width;
-            let column = kv_head * head_dim;
-            let keys = KeyRows {
-                parts: [(&self.prefix_k[prefix.clone()], start), (&k[own_rows.clone()], length)],
-                width: kv_width,
-                column,
-                head_dim,
-            };
-            let values = KeyRows {
-                parts: [(&self.prefix_v[prefix], start), (&v[own_rows], length)],
-                width: kv_width,
-                column,
-                head_dim,
-            };
-            let positions = start + own.start..start + own.end;
-            attend_positions(q, first_row, start, positions, kv_head, (&keys, &values), g.shape, &target);
+            let start = g.starts[s];
+            let (keys, values) = self.key_rows(s, kv_head, k, v);
+            let block = BlockRows::new(row_offsets[s], start, start + own.start..start + own.end, kv_head, g.shape);
+            attend_positions(q, &block, (&keys, &values), g.shape, &target, Some(&sums));
         });
-        out
+        (out, log_sums)
     }
 
-    /// Gradients with respect to rotated `q`, rotated `k` and `v`, given the output gradient.
+    /// Gradients with respect to rotated `q`, rotated `k` and `v`, given the output gradient, in tiles: one work item
+    /// per sequence and key/value head (it owns that head's key and value gradients of the sequence's own rows), its
+    /// runs of positions one after the other.
     fn backward(&self, q: &[f32], k: &[f32], v: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let g = &self.geometry;
-        let AttentionShape { heads, kv_heads, head_dim, scale, .. } = g.shape;
+        let AttentionShape { heads, kv_heads, head_dim, scale, window } = g.shape;
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let rows_total: usize = g.lengths.iter().sum();
         let (mut dq, mut dk, mut dv) =
             (vec![0f32; rows_total * q_width], vec![0f32; rows_total * kv_width], vec![0f32; rows_total * kv_width]);
-        let pieces: Vec<_> = split_rows(&mut dq, g, q_width)
-            .into_iter()
-            .zip(split_rows(&mut dk, g, kv_width))
-            .zip(split_rows(&mut dv, g, kv_width))
-            .map(|(((first, last, dq), (_, _, dk)), (_, _, dv))| (first, last, dq, dk, dv))
-            .collect();
-        super::workers::for_each_item(pieces, |(first, last, dq, dk, dv)| {
-            with_simd(|| {
-                let (mut weights, mut slopes) = (self.scratch((first, last)), self.scratch((first, last)));
-                self.visit_queries((first, last), k, v, |query| {
-                    let at = query.row * q_width + query.head * head_dim;
-                    let (query_row, out_grad) = (&q[at..][..head_dim], &grad[at..][..head_dim]);
-                    let (start, seen) = (query.start, query.seen(&g.shape));
-                    Self::weights(query_row, &query.keys, seen.clone(), scale, &mut weights);
-                    let mut weighted = 0f32;
-                    for (j, slope) in seen.clone().zip(slopes[seen.clone()].iter_mut()) {
-                        *slope = dot(out_grad, query.values.get(j));
-                        weighted += weights[j] * *slope;
-                    }
-                    let local = (query.local_first + query.i) * q_width + query.head * head_dim;
-                    let query_grad = &mut dq[local..][..head_dim];
-                    for j in seen.clone() {
-                        let score_grad = weights[j] * (slopes[j] - weighted) * scale;
-                        for (d, &x) in query_grad.iter_mut().zip(query.keys.get(j)) {
-                            *d += score_grad * x;
-                        }
-                        if j >= start {
-                            let own_row = (query.local_first + j - start) * kv_width + query.keys.column;
-                            for (d, &x) in dk[own_row..][..head_dim].iter_mut().zip(query_row) {
-                                *d += score_grad * x;
-                            }
-                            for (d, &x) in dv[own_row..][..head_dim].iter_mut().zip(out_grad) {
-                                *d += weights[j] * x;
-                            }
-                        }
-                    }
+        let (dq_out, dk_out, dv_out) =
+            (SharedOutput::new(&mut dq), SharedOutput::new(&mut dk), SharedOutput::new(&mut dv));
+        let row_offsets = g.row_offsets();
+        let items: Vec<(usize, usize)> =
+            (0..g.lengths.len()).flat_map(|s| (0..kv_heads).map(move |kv_head| (s, kv_head))).collect();
+        super::workers::for_each_item(items, |(s, kv_head)| {
+            let (start, length, first_row) = (g.starts[s], g.lengths[s], row_offsets[s]);
+            let (keys, values) = self.key_rows(s, kv_head, k, v);
+            let (mut key_grads, mut value_grads) = (vec![0f32; length * head_dim], vec![0f32; length * head_dim]);
+            for (_, own) in position_blocks(length, g.shape).filter(|(head, _)| *head == kv_head) {
+                let block = BlockRows::new(first_row, start, start + own.start..start + own.end, kv_head, g.shape);
+                let at = |r: usize| (block.row(r) * heads + block.head(r)) * head_dim;
+                let log_sums: Vec<f32> =
+                    (0..block.positions.len()).map(|r| self.log_sums[block.row(r) * heads + block.head(r)]).collect();
+                BACKWARD_SCRATCH.with(|scratch| {
+                    with_simd(|| {
+                        attend_block_backward(
+                            (
+                                |r| &q[at(r)..][..head_dim],
+                                |r| &grad[at(r)..][..head_dim],
+                                |r| &self.value[at(r)..][..head_dim],
+                            ),
+                            &log_sums,
+                            &block.positions,
+                            (&keys, &values),
+                            View { window },
+                            scale,
+                            &mut scratch.borrow_mut(),
+                            // SAFETY: one item owns every (row, head) of its sequence and key/value head.
+                            |r, row| unsafe { dq_out.write(at(r), row) },
+                            (start, &mut key_grads, &mut value_grads),
+                        )
+                    })
                 });
-            })
+            }
+            for i in 0..length {
+                let at = (first_row + i) * kv_width + kv_head * head_dim;
+                // SAFETY: as above, for the key/value head's columns of the sequence's own rows.
+                unsafe {
+                    dk_out.write(at, &key_grads[i * head_dim..(i + 1) * head_dim]);
+                    dv_out.write(at, &value_grads[i * head_dim..(i + 1) * head_dim]);
+                }
+            }
         });
         (dq, dk, dv)
     }
 }
 
-/// One query of [`PrefixAttention::visit_queries`].
-struct Query<'a> {
-    /// Its packed row in the batch.
-    row: usize,
-    /// The row of its sequence's first own token within the thread's piece of the output.
-    local_first: usize,
-    /// Its index among its sequence's own tokens.
-    i: usize,
-    /// Its head.
-    head: usize,
-    /// Its sequence's prefix length.
-    start: usize,
-    /// The keys it attends to (prefix, then own).
-    keys: Rows<'a>,
-    /// The values, likewise.
-    values: Rows<'a>,
-}
-
-impl Query<'_> {
-    /// The key positions this query sees: up to its own position `start + i`, from the start of its window.
-    fn seen(&self, shape: &AttentionShape) -> Range<usize> {
-        let position = self.start + self.i;
-        shape.first_visible(position)..position + 1
-    }
-}
-
-/// The rows of consecutive sequence ranges (one per thread) as disjoint slices of `out`.
-fn split_rows<'a>(out: &'a mut [f32], g: &PrefixGeometry, width: usize) -> Vec<(usize, usize, &'a mut [f32])> {
-    let mut pieces = Vec::new();
-    let mut rest = out;
-    for (first, last) in g.shares() {
-        let rows: usize = g.lengths[first..last].iter().sum();
-        let (mine, others) = std::mem::take(&mut rest).split_at_mut(rows * width);
-        rest = others;
-        pieces.push((first, last, mine));
-    }
-    pieces
+thread_local! {
+    static BACKWARD_SCRATCH: std::cell::RefCell<BackwardScratch> = std::cell::RefCell::new(BackwardScratch::default());
 }
 
 impl CustomOp3 for PrefixAttention {
@@ -388,20 +276,27 @@ mod tests {
 
     #[test]
     fn value_and_gradients_match_composed_attention_over_whole_sequences() {
-        check_against_composed_attention(None);
+        check_against_composed_attention(None, vec![3, 1, 4], vec![2, 3, 1]);
     }
 
     #[test]
     fn a_sliding_window_gives_what_the_masked_composed_attention_gives() {
         // A window of 3 cuts into every sequence below (totals 5, 4, 5), in the prefix and in the own rows.
-        check_against_composed_attention(Some(3));
+        check_against_composed_attention(Some(3), vec![3, 1, 4], vec![2, 3, 1]);
     }
 
-    fn check_against_composed_attention(window: Option<usize>) {
+    #[test]
+    fn long_sequences_span_several_query_and_key_blocks() {
+        // 150 and 130 positions: several blocks of 32 positions (2 heads per group) and of 64 keys, with and without
+        // a window that leaves whole key blocks out.
+        check_against_composed_attention(None, vec![70, 0], vec![80, 130]);
+        check_against_composed_attention(Some(50), vec![70, 0], vec![80, 130]);
+    }
+
+    fn check_against_composed_attention(window: Option<usize>, starts: Vec<usize>, own: Vec<usize>) {
         let device = Device::Cpu;
         let shape = AttentionShape::new(4, 2, 8).with_window(window);
-        let rotary = Rotary::new(8, 10_000.0, 64, RotaryLayout::HalfSplit, DType::F32, &device).unwrap();
-        let (starts, own) = (vec![3usize, 1, 4], vec![2usize, 3, 1]);
+        let rotary = Rotary::new(8, 10_000.0, 256, RotaryLayout::HalfSplit, DType::F32, &device).unwrap();
         let totals: Vec<usize> = starts.iter().zip(&own).map(|(s, l)| s + l).collect();
         let rows: usize = totals.iter().sum();
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 32), &device).unwrap()).unwrap();

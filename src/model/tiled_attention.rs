@@ -200,6 +200,134 @@ pub fn attend_block<'q>(
     }
 }
 
+/// Reusable buffers of one thread for [`attend_block_backward`].
+#[derive(Default)]
+pub struct BackwardScratch {
+    queries: Vec<f32>,
+    out_grads: Vec<f32>,
+    deltas: Vec<f32>,
+    keys_transposed: Vec<f32>,
+    values_transposed: Vec<f32>,
+    key_rows: Vec<f32>,
+    scores: Vec<f32>,
+    slopes: Vec<f32>,
+    query_grads: Vec<f32>,
+}
+
+/// The gradients of one block of [`attend_block`] given the output gradient, recomputing the attention weights from
+/// the forward's log-sum-exps (`p_j = e^{S_j − lse}`) block by block:
+///
+/// `∂S_j = p_j (∂o·v_j − ∂o·o)`, then `∂q += c Σ_j ∂S_j k_j`, and for the keys at positions from `trainable_from`
+/// on, `∂k_j += c Σ_r ∂S_rj q_r` and `∂v_j += Σ_r p_rj ∂o_r` (`c` the score scale). Row `r`'s query gradient goes
+/// to `write_query_grad(r, values)`; key and value gradients are added to `key_grads` and `value_grads`, whose row
+/// `i` belongs to position `trainable_from + i` (`head_dim` values each).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn attend_block_backward<'q>(
+    (query, out_grad, output): (impl Fn(usize) -> &'q [f32], impl Fn(usize) -> &'q [f32], impl Fn(usize) -> &'q [f32]),
+    log_sums: &[f32],
+    positions: &[usize],
+    (keys, values): (&KeyRows, &KeyRows),
+    view: View,
+    scale: f32,
+    scratch: &mut BackwardScratch,
+    mut write_query_grad: impl FnMut(usize, &[f32]),
+    (trainable_from, key_grads, value_grads): (usize, &mut [f32], &mut [f32]),
+) {
+    let rows = positions.len();
+    let d = keys.head_dim;
+    let padded = rows.div_ceil(STRIP) * STRIP;
+    let BackwardScratch {
+        queries,
+        out_grads,
+        deltas,
+        keys_transposed,
+        values_transposed,
+        key_rows,
+        scores,
+        slopes,
+        query_grads,
+    } = scratch;
+    fill(queries, padded * d);
+    fill(out_grads, padded * d);
+    fill(deltas, padded);
+    for r in 0..rows {
+        for (slot, &x) in queries[r * d..(r + 1) * d].iter_mut().zip(query(r)) {
+            *slot = x * scale;
+        }
+        out_grads[r * d..(r + 1) * d].copy_from_slice(out_grad(r));
+        deltas[r] = out_grad(r).iter().zip(output(r)).map(|(a, b)| a * b).sum();
+    }
+    fill(keys_transposed, d * BLOCK_KEYS);
+    fill(values_transposed, d * BLOCK_KEYS);
+    fill(key_rows, BLOCK_KEYS * d);
+    fill(scores, padded * BLOCK_KEYS);
+    fill(slopes, padded * BLOCK_KEYS);
+    fill(query_grads, padded * d);
+    let ones = [1f32; BLOCK_ROWS];
+
+    let first_key = positions.iter().map(|&p| view.first(p)).min().unwrap_or(0);
+    let last_key = positions.iter().copied().max().unwrap_or(0);
+    let mut start = first_key;
+    while start <= last_key {
+        let count = BLOCK_KEYS.min(last_key + 1 - start);
+        for j in 0..BLOCK_KEYS {
+            let (key, value) =
+                if j < count { (keys.row(start + j), values.row(start + j)) } else { (&[][..], &[][..]) };
+            for c in 0..d {
+                keys_transposed[c * BLOCK_KEYS + j] = key.get(c).copied().unwrap_or(0.0);
+                values_transposed[c * BLOCK_KEYS + j] = value.get(c).copied().unwrap_or(0.0);
+            }
+            if j < count {
+                key_rows[j * d..(j + 1) * d].copy_from_slice(key);
+            }
+        }
+        block_scores(queries, padded, d, keys_transposed, scores);
+        block_scores(out_grads, padded, d, values_transposed, slopes);
+        for r in 0..padded {
+            let (position, lse, delta) = match r < rows {
+                true => (positions[r], log_sums[r], deltas[r]),
+                false => (0, 0.0, 0.0),
+            };
+            let first = view.first(position);
+            let row = r * BLOCK_KEYS..(r + 1) * BLOCK_KEYS;
+            for ((j, score), slope) in scores[row.clone()].iter_mut().enumerate().zip(&mut slopes[row]) {
+                let key = start + j;
+                let visible = r < rows && j < count && key <= position && key >= first;
+                let p = if visible { exp_f32(*score - lse) } else { 0.0 };
+                // scores now hold p, slopes ∂S.
+                *slope = p * (*slope - delta);
+                *score = p;
+            }
+        }
+        block_output(slopes, &ones[..padded], key_rows, count, d, query_grads);
+        for j in 0..count {
+            let Some(local) = (start + j).checked_sub(trainable_from) else { continue };
+            let (key_grad, value_grad) =
+                (&mut key_grads[local * d..(local + 1) * d], &mut value_grads[local * d..(local + 1) * d]);
+            for r in 0..rows {
+                let (score_grad, p) = (slopes[r * BLOCK_KEYS + j], scores[r * BLOCK_KEYS + j]);
+                if p == 0.0 {
+                    continue;
+                }
+                // `queries` hold c·q already.
+                for (g, &x) in key_grad.iter_mut().zip(&queries[r * d..(r + 1) * d]) {
+                    *g += score_grad * x;
+                }
+                for (g, &x) in value_grad.iter_mut().zip(&out_grads[r * d..(r + 1) * d]) {
+                    *g += p * x;
+                }
+            }
+        }
+        start += count;
+    }
+    for r in 0..rows {
+        let row = &mut query_grads[r * d..(r + 1) * d];
+        row.iter_mut().for_each(|g| *g *= scale);
+        write_query_grad(r, row);
+    }
+}
+
 fn fill(buffer: &mut Vec<f32>, len: usize) {
     buffer.clear();
     buffer.resize(len, 0.0);

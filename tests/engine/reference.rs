@@ -141,3 +141,13 @@ fn gemma3_perplexity_matches_pytorch_with_and_without_bos() {
     check_perplexity("gemma3 with BOS", model, &reference.bos);
     check_perplexity("gemma3 without BOS", model, &reference.no_bos);
 }
+
+#[test]
+fn sentences_too_short_to_score_are_named_by_index() {
+    let model = crate::support::fixture_model("llama", "model.safetensors", candle_core::DType::F32);
+    let options = PerplexityOptions::default();
+    let mixed = perplexity_of_ids(&model, &[vec![1, 2, 3], vec![4], vec![], vec![5, 6]], options, None).unwrap();
+    assert_eq!((mixed.sentences, mixed.skipped_sentences, mixed.skipped_indices.clone()), (2, 2, vec![1, 2]));
+    let error = perplexity_of_ids(&model, &[vec![7], vec![]], options, None).unwrap_err().to_string();
+    assert!(error.contains("sentences 0, 1") && !error.contains("NaN"), "{error}");
+}

@@ -259,6 +259,10 @@ fn main() -> Result<()> {
                     report.sentences,
                     report.skipped_sentences
                 );
+                if !report.skipped_indices.is_empty() {
+                    let shown: Vec<String> = report.skipped_indices.iter().take(20).map(usize::to_string).collect();
+                    println!("skipped          sentences {} (fewer than two tokens)", shown.join(", "));
+                }
                 println!("mean ppl         {:.4}", report.mean_sentence_ppl);
                 println!("corpus ppl       {:.4}", report.corpus_ppl);
                 println!("tokens           {} ({} scored)", report.tokens, report.scored_tokens);
