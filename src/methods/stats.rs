@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::cache::{CacheLock, cache_root, ensure_dir};
+use crate::cache::{CacheLock, cache_root, ensure_dir, sha256_hex};
 use crate::data::me_ppl::Corpus;
 use crate::error::{Error, Result};
 use crate::model::{Hook, HookPoint, LoadedModel, Packing, Path};
@@ -172,7 +172,7 @@ pub fn read_cached(cache: &StatsCache, key: &StatsKey, device: &Device) -> Optio
     let tokens: u64 = metadata.get("tokens")?.parse().ok()?;
     let recorded = metadata.get("sha256")?;
     let view = safetensors::SafeTensors::deserialize(&bytes).ok()?;
-    let actual = values_digest(view.tensor("mom2").ok()?.data());
+    let actual = sha256_hex(view.tensor("mom2").ok()?.data());
     if &actual != recorded {
         eprintln!(
             "warning: {}: the statistics' values have sha256 {actual}, the file records {recorded}: corrupt, computing \
@@ -196,7 +196,7 @@ pub fn write_cached(cache: &StatsCache, key: &StatsKey, moment: &SecondMoment) -
     let metadata: HashMap<String, String> = [
         ("key".to_string(), key.describe()),
         ("tokens".to_string(), moment.tokens.to_string()),
-        ("sha256".to_string(), values_digest(&bytes)),
+        ("sha256".to_string(), sha256_hex(&bytes)),
     ]
     .into();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, moment.matrix.dims().to_vec(), &bytes)
@@ -204,12 +204,6 @@ pub fn write_cached(cache: &StatsCache, key: &StatsKey, moment: &SecondMoment) -
     let serialized = safetensors::tensor::serialize([("mom2", view)], Some(metadata))
         .map_err(|e| Error::invalid(path.display().to_string(), "mom2", e.to_string()))?;
     crate::cache::write_atomic(&path, &serialized)
-}
-
-/// The sha256 of a tensor's little-endian bytes, recorded beside them.
-fn values_digest(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    crate::cache::hex(&sha2::Sha256::digest(bytes))
 }
 
 /// Where a call to [`second_moments`] found each layer.

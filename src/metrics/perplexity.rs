@@ -123,12 +123,15 @@ pub fn perplexity_of_ids(
         }
     }
     let per_sentence: Vec<SentenceScore> = scores.into_iter().flatten().collect();
-    let mut report = summarise(per_sentence, sequences.len(), lengths.iter().sum(), started.elapsed().as_secs_f64())?;
-    report.skipped_indices = skipped;
-    Ok(report)
+    summarise(per_sentence, skipped, lengths.iter().sum(), started.elapsed().as_secs_f64())
 }
 
-fn summarise(per_sentence: Vec<SentenceScore>, total: usize, tokens: usize, seconds: f64) -> Result<PerplexityReport> {
+fn summarise(
+    per_sentence: Vec<SentenceScore>,
+    skipped: Vec<usize>,
+    tokens: usize,
+    seconds: f64,
+) -> Result<PerplexityReport> {
     let sentences = per_sentence.len();
     let scored_tokens: usize = per_sentence.iter().map(|s| s.scored_tokens).sum();
     let nll_total: f64 = per_sentence.iter().map(|s| s.nll_sum).sum();
@@ -138,8 +141,8 @@ fn summarise(per_sentence: Vec<SentenceScore>, total: usize, tokens: usize, seco
         mean_sentence_ppl: ensure_finite("mean sentence perplexity", if sentences == 0 { f64::NAN } else { mean })?,
         corpus_ppl: ensure_finite("corpus perplexity", if scored_tokens == 0 { f64::NAN } else { corpus })?,
         sentences,
-        skipped_sentences: total - sentences,
-        skipped_indices: Vec::new(),
+        skipped_sentences: skipped.len(),
+        skipped_indices: skipped,
         tokens,
         scored_tokens,
         seconds,
@@ -226,7 +229,7 @@ mod tests {
     fn summary_is_mean_of_sentence_ppl_and_token_weighted_corpus_ppl() {
         let scores =
             vec![SentenceScore { nll_sum: 2.0, scored_tokens: 1 }, SentenceScore { nll_sum: 4.0, scored_tokens: 4 }];
-        let report = summarise(scores, 3, 7, 0.0).unwrap();
+        let report = summarise(scores, vec![2], 7, 0.0).unwrap();
         assert!((report.mean_sentence_ppl - (2f64.exp() + 1f64.exp()) / 2.0).abs() < 1e-12);
         assert!((report.corpus_ppl - (6.0f64 / 5.0).exp()).abs() < 1e-12);
         assert_eq!(report.skipped_sentences, 1);
@@ -235,7 +238,7 @@ mod tests {
     #[test]
     fn non_finite_perplexity_is_an_error() {
         let scores = vec![SentenceScore { nll_sum: f64::NAN, scored_tokens: 3 }];
-        assert!(summarise(scores, 1, 4, 0.0).is_err());
-        assert!(summarise(vec![], 0, 0, 0.0).is_err());
+        assert!(summarise(scores, vec![], 4, 0.0).is_err());
+        assert!(summarise(vec![], vec![], 0, 0.0).is_err());
     }
 }

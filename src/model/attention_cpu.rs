@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use super::fast_exp::with_simd;
 use super::layers::{AttentionShape, Rotary};
 use super::packing::Packing;
-use super::tiled_attention::{BLOCK_ROWS, KeyRows, Scratch, View, attend_block};
+use super::tiled_attention::{BLOCK_ROWS, KeyRows, Scratch, attend_block};
 use crate::error::Result;
 
 /// Causal attention of packed f32 rows `q: (rows, heads·d)`, `k, v: (rows, kv_heads·d)` → `(rows, heads·d)`.
@@ -36,12 +36,14 @@ pub fn packed_causal_attention(
         rotary.rotate_packed(&mut k_values, kv_heads, head_dim, &positions);
     }
     let mut out = vec![0f32; rows * heads * head_dim];
-    let mut blocks = Vec::new();
-    let mut first_row = 0;
-    for &length in packing.lengths() {
-        blocks.extend(position_blocks(length, shape).map(|(kv_head, positions)| (first_row, kv_head, positions)));
-        first_row += length;
-    }
+    let blocks: Vec<(usize, usize, std::ops::Range<usize>)> = packing
+        .lengths()
+        .iter()
+        .zip(super::packing::offsets(packing.lengths()))
+        .flat_map(|(&length, first_row)| {
+            position_blocks(length, shape).map(move |(kv_head, positions)| (first_row, kv_head, positions))
+        })
+        .collect();
     let target = SharedOutput::new(&mut out);
     let q_width = heads * head_dim;
     let kv_width = kv_heads * head_dim;
@@ -56,16 +58,19 @@ pub fn packed_causal_attention(
     Ok(Tensor::from_vec(out, (rows, q_width), q.device())?.to_dtype(q.dtype())?)
 }
 
-/// The blocks of one sequence of `length` tokens: for every key/value head, runs `a..b` of consecutive positions whose
-/// query rows (every head of the group at each position) fill a block of the tiled kernel.
+/// The runs `a..b` of consecutive positions of one sequence of `length` tokens whose query rows (every head of a
+/// key/value head's group at each position) fill a block of the tiled kernel.
+pub(crate) fn position_runs(length: usize, shape: AttentionShape) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let span = (BLOCK_ROWS / (shape.heads / shape.kv_heads)).max(1);
+    (0..length).step_by(span).map(move |a| a..(a + span).min(length))
+}
+
+/// The blocks of one sequence of `length` tokens: every key/value head with each of its [`position_runs`].
 pub(crate) fn position_blocks(
     length: usize,
     shape: AttentionShape,
 ) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
-    let group = shape.heads / shape.kv_heads;
-    let span = (BLOCK_ROWS / group).max(1);
-    (0..shape.kv_heads)
-        .flat_map(move |kv_head| (0..length).step_by(span).map(move |a| (kv_head, a..(a + span).min(length))))
+    (0..shape.kv_heads).flat_map(move |kv_head| position_runs(length, shape).map(move |run| (kv_head, run)))
 }
 
 /// The query rows of one block: every head of `kv_head`'s group at each position of a run, in position order. The
@@ -108,7 +113,6 @@ impl BlockRows {
 
 /// Attention of a block's query rows over `keys` and `values`, written into `target` (`(rows, heads·d)`) at the rows
 /// the queries come from, and each row's log-sum-exp into `log_sums` (`(rows, heads)`) when given.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_positions(
     q: &[f32],
     block: &BlockRows,
@@ -117,7 +121,7 @@ pub(crate) fn attend_positions(
     target: &SharedOutput,
     log_sums: Option<&SharedOutput>,
 ) {
-    let AttentionShape { heads, head_dim, scale, window, .. } = shape;
+    let AttentionShape { heads, head_dim, .. } = shape;
     let offset_of = |r: usize| (block.row(r) * heads + block.head(r)) * head_dim;
     let mut block_sums = [0f32; super::tiled_attention::BLOCK_ROWS];
     SCRATCH.with(|scratch| {
@@ -128,8 +132,7 @@ pub(crate) fn attend_positions(
                 &block.positions,
                 keys,
                 values,
-                View { window },
-                scale,
+                shape,
                 &mut scratch,
                 // SAFETY: every (row, head) of the output belongs to exactly one block, and blocks are disjoint.
                 |r, row| unsafe { target.write(offset_of(r), row) },

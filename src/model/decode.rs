@@ -139,15 +139,7 @@ pub fn decode_attention(
     let shared = &cache.shared.layers[layer];
     let mut out = vec![0f32; packing.rows() * q_width];
     // Blocks: per sequence and key/value head, runs of the new tokens (usually one: every query head of the group).
-    let first_rows: Vec<usize> = packing
-        .lengths()
-        .iter()
-        .scan(0, |row, &length| {
-            let first = *row;
-            *row += length;
-            Some(first)
-        })
-        .collect();
+    let first_rows = super::packing::offsets(packing.lengths());
     let blocks: Vec<(usize, usize, std::ops::Range<usize>)> = (0..packing.batch())
         .flat_map(|s| position_blocks(packing.lengths()[s], shape).map(move |(kv_head, new)| (s, kv_head, new)))
         .collect();

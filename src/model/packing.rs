@@ -175,6 +175,18 @@ impl PackedBatch {
     }
 }
 
+/// Where each of consecutive runs of `counts` rows starts: `[0, c₀, c₀ + c₁, …]` (one entry per run).
+pub fn offsets(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0, |total, &count| {
+            let start = *total;
+            *total += count;
+            Some(start)
+        })
+        .collect()
+}
+
 /// Groups sequence indices into chunks of at most `token_budget` real tokens (a chunk holds at least one sequence),
 /// sorted by length so that the padding attention needs stays small. Chunks come longest first.
 pub fn length_sorted_chunks(lengths: &[usize], token_budget: usize) -> Vec<Vec<usize>> {

@@ -113,14 +113,7 @@ impl PrefixCache {
             ));
         }
         let device = packing.positions().device().clone();
-        let offsets: Vec<usize> = lengths
-            .iter()
-            .scan(0, |offset, &length| {
-                let start = *offset;
-                *offset += length;
-                Some(start)
-            })
-            .collect();
+        let offsets = super::packing::offsets(lengths);
         let mut rows = Vec::new();
         for (&source, &start) in sources.iter().zip(starts) {
             rows.extend((offsets[source]..offsets[source] + start).map(|r| r as u32));

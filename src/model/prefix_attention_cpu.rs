@@ -20,10 +20,11 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::attention_cpu::{BlockRows, SharedOutput, attend_positions, position_blocks};
+use super::attention_cpu::{BlockRows, SharedOutput, attend_positions, position_blocks, position_runs};
 use super::fast_exp::{cpu_f32_values as values_of, with_simd};
 use super::layers::{AttentionShape, Rotary};
-use super::tiled_attention::{BackwardScratch, KeyRows, View, attend_block_backward};
+use super::packing::offsets;
+use super::tiled_attention::{BackwardScratch, KeyRows, attend_block_backward};
 use crate::error::Result;
 
 /// Where every sequence's rows lie: its prefix rows in the cache and its own rows in the packed batch.
@@ -50,17 +51,6 @@ impl PrefixGeometry {
     fn positions(&self) -> Vec<usize> {
         self.starts.iter().zip(&self.lengths).flat_map(|(&s, &l)| s..s + l).collect()
     }
-}
-
-fn offsets(counts: &[usize]) -> Vec<usize> {
-    counts
-        .iter()
-        .scan(0, |total, &count| {
-            let start = *total;
-            *total += count;
-            Some(start)
-        })
-        .collect()
 }
 
 /// Attention of packed `q: (rows, heads·d)`, `k, v: (rows, kv_heads·d)` (unrotated, `f32` on the CPU) over the cached,
@@ -109,13 +99,18 @@ impl PrefixAttention {
         }
     }
 
-    /// Sequence `s`'s keys and values for `kv_head` (prefix rows, then own rows) from own rows `k` and `v`.
-    fn key_rows<'a>(&'a self, s: usize, kv_head: usize, k: &'a [f32], v: &'a [f32]) -> (KeyRows<'a>, KeyRows<'a>) {
+    /// Sequence `s`'s keys and values for `kv_head` (prefix rows, then own rows) from own rows `k` and `v`; its
+    /// first prefix row and first own row are `prefix_first` and `first_row`.
+    fn key_rows<'a>(
+        &'a self,
+        (s, kv_head): (usize, usize),
+        (prefix_first, first_row): (usize, usize),
+        (k, v): (&'a [f32], &'a [f32]),
+    ) -> (KeyRows<'a>, KeyRows<'a>) {
         let g = &self.geometry;
         let AttentionShape { kv_heads, head_dim, .. } = g.shape;
         let kv_width = kv_heads * head_dim;
         let (start, length) = (g.starts[s], g.lengths[s]);
-        let (prefix_first, first_row) = (g.prefix_offsets()[s], g.row_offsets()[s]);
         let prefix = prefix_first * kv_width..(prefix_first + start) * kv_width;
         let own = first_row * kv_width..(first_row + length) * kv_width;
         let column = kv_head * head_dim;
@@ -136,14 +131,14 @@ impl PrefixAttention {
         let AttentionShape { heads, head_dim, .. } = g.shape;
         let rows: usize = g.lengths.iter().sum();
         let (mut out, mut log_sums) = (vec![0f32; rows * heads * head_dim], vec![0f32; rows * heads]);
-        let row_offsets = g.row_offsets();
+        let (prefix_offsets, row_offsets) = (g.prefix_offsets(), g.row_offsets());
         let blocks: Vec<(usize, usize, Range<usize>)> = (0..g.lengths.len())
             .flat_map(|s| position_blocks(g.lengths[s], g.shape).map(move |(kv_head, own)| (s, kv_head, own)))
             .collect();
         let (target, sums) = (SharedOutput::new(&mut out), SharedOutput::new(&mut log_sums));
         super::workers::for_each_item(blocks, |(s, kv_head, own)| {
             let start = g.starts[s];
-            let (keys, values) = self.key_rows(s, kv_head, k, v);
+            let (keys, values) = self.key_rows((s, kv_head), (prefix_offsets[s], row_offsets[s]), (k, v));
             let block = BlockRows::new(row_offsets[s], start, start + own.start..start + own.end, kv_head, g.shape);
             attend_positions(q, &block, (&keys, &values), g.shape, &target, Some(&sums));
         });
@@ -155,21 +150,21 @@ impl PrefixAttention {
     /// runs of positions one after the other.
     fn backward(&self, q: &[f32], k: &[f32], v: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let g = &self.geometry;
-        let AttentionShape { heads, kv_heads, head_dim, scale, window } = g.shape;
+        let AttentionShape { heads, kv_heads, head_dim, .. } = g.shape;
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let rows_total: usize = g.lengths.iter().sum();
         let (mut dq, mut dk, mut dv) =
             (vec![0f32; rows_total * q_width], vec![0f32; rows_total * kv_width], vec![0f32; rows_total * kv_width]);
         let (dq_out, dk_out, dv_out) =
             (SharedOutput::new(&mut dq), SharedOutput::new(&mut dk), SharedOutput::new(&mut dv));
-        let row_offsets = g.row_offsets();
+        let (prefix_offsets, row_offsets) = (g.prefix_offsets(), g.row_offsets());
         let items: Vec<(usize, usize)> =
             (0..g.lengths.len()).flat_map(|s| (0..kv_heads).map(move |kv_head| (s, kv_head))).collect();
         super::workers::for_each_item(items, |(s, kv_head)| {
             let (start, length, first_row) = (g.starts[s], g.lengths[s], row_offsets[s]);
-            let (keys, values) = self.key_rows(s, kv_head, k, v);
+            let (keys, values) = self.key_rows((s, kv_head), (prefix_offsets[s], first_row), (k, v));
             let (mut key_grads, mut value_grads) = (vec![0f32; length * head_dim], vec![0f32; length * head_dim]);
-            for (_, own) in position_blocks(length, g.shape).filter(|(head, _)| *head == kv_head) {
+            for own in position_runs(length, g.shape) {
                 let block = BlockRows::new(first_row, start, start + own.start..start + own.end, kv_head, g.shape);
                 let at = |r: usize| (block.row(r) * heads + block.head(r)) * head_dim;
                 let log_sums: Vec<f32> =
@@ -185,8 +180,7 @@ impl PrefixAttention {
                             &log_sums,
                             &block.positions,
                             (&keys, &values),
-                            View { window },
-                            scale,
+                            g.shape,
                             &mut scratch.borrow_mut(),
                             // SAFETY: one item owns every (row, head) of its sequence and key/value head.
                             |r, row| unsafe { dq_out.write(at(r), row) },

@@ -22,6 +22,7 @@
 //! keys a block sees with [`KeyRows`], a sequence's rows in up to two parts (a cached prefix and its own rows).
 
 use super::fast_exp::exp_f32;
+use super::layers::AttentionShape;
 
 /// Query rows per block (the query heads of one group × positions).
 pub const BLOCK_ROWS: usize = 64;
@@ -63,23 +64,6 @@ impl<'a> KeyRows<'a> {
     }
 }
 
-/// Which keys a query row sees: positions `first_visible(p)..=p` for the row at position `p`.
-#[derive(Clone, Copy)]
-pub struct View {
-    /// Sliding window (keys `p − window < j ≤ p`), or none.
-    pub window: Option<usize>,
-}
-
-impl View {
-    #[inline(always)]
-    fn first(&self, position: usize) -> usize {
-        match self.window {
-            Some(window) => (position + 1).saturating_sub(window),
-            None => 0,
-        }
-    }
-}
-
 /// Reusable buffers of one thread.
 #[derive(Default)]
 pub struct Scratch {
@@ -94,7 +78,8 @@ pub struct Scratch {
 
 /// Attention of up to [`BLOCK_ROWS`] query rows over the keys they see.
 ///
-/// `query(r)` gives row `r`'s `head_dim` values, `positions[r]` its position; the output of row `r` goes to
+/// `query(r)` gives row `r`'s `head_dim` values, `positions[r]` its position; the row sees the keys at
+/// `shape.first_visible(p)..=p` and scores them scaled by `shape.scale`. The output of row `r` goes to
 /// `write(r, values)` (normalised) and, when asked, its log-sum-exp of the scaled scores to `log_sums[r]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -103,8 +88,7 @@ pub fn attend_block<'q>(
     positions: &[usize],
     keys: &KeyRows,
     values: &KeyRows,
-    view: View,
-    scale: f32,
+    shape: AttentionShape,
     scratch: &mut Scratch,
     mut write: impl FnMut(usize, &[f32]),
     log_sums: Option<&mut [f32]>,
@@ -117,7 +101,7 @@ pub fn attend_block<'q>(
     fill(queries, padded * d);
     for r in 0..rows {
         for (slot, &x) in queries[r * d..(r + 1) * d].iter_mut().zip(query(r)) {
-            *slot = x * scale;
+            *slot = x * shape.scale;
         }
     }
     fill(keys_transposed, d * BLOCK_KEYS);
@@ -128,32 +112,23 @@ pub fn attend_block<'q>(
     maxima.resize(padded, f32::NEG_INFINITY);
     fill(sums, padded);
 
-    let first_key = positions.iter().map(|&p| view.first(p)).min().unwrap_or(0);
-    let last_key = positions.iter().copied().max().unwrap_or(0);
-    let (lowest_last, highest_first) =
-        (positions.iter().copied().min().unwrap_or(0), positions.iter().map(|&p| view.first(p)).max().unwrap_or(0));
+    let (first_key, last_key) = seen_keys(positions, shape);
+    let (lowest_last, highest_first) = (
+        positions.iter().copied().min().unwrap_or(0),
+        positions.iter().map(|&p| shape.first_visible(p)).max().unwrap_or(0),
+    );
     let mut start = first_key;
     while start <= last_key {
         let count = BLOCK_KEYS.min(last_key + 1 - start);
-        for j in 0..count {
-            let key = keys.row(start + j);
-            for (c, &x) in key.iter().enumerate() {
-                keys_transposed[c * BLOCK_KEYS + j] = x;
-            }
-            value_block[j * d..(j + 1) * d].copy_from_slice(values.row(start + j));
-        }
-        for j in count..BLOCK_KEYS {
-            for c in 0..d {
-                keys_transposed[c * BLOCK_KEYS + j] = 0.0;
-            }
-        }
+        pack_transposed(keys, start, count, keys_transposed);
+        pack_rows(values, start, count, value_block);
         block_scores(queries, padded, d, keys_transposed, scores);
         // Every row sees every key of the block: no mask needed.
         let whole = count == BLOCK_KEYS && start + count - 1 <= lowest_last && start >= highest_first;
         if !whole {
             for r in 0..padded {
                 let position = positions[r.min(rows - 1)];
-                let first = view.first(position);
+                let first = shape.first_visible(position);
                 for (j, score) in scores[r * BLOCK_KEYS..(r + 1) * BLOCK_KEYS].iter_mut().enumerate() {
                     let key = start + j;
                     if j >= count || key > position || key < first {
@@ -228,14 +203,13 @@ pub fn attend_block_backward<'q>(
     log_sums: &[f32],
     positions: &[usize],
     (keys, values): (&KeyRows, &KeyRows),
-    view: View,
-    scale: f32,
+    shape: AttentionShape,
     scratch: &mut BackwardScratch,
     mut write_query_grad: impl FnMut(usize, &[f32]),
     (trainable_from, key_grads, value_grads): (usize, &mut [f32], &mut [f32]),
 ) {
     let rows = positions.len();
-    let d = keys.head_dim;
+    let (d, scale) = (keys.head_dim, shape.scale);
     let padded = rows.div_ceil(STRIP) * STRIP;
     let BackwardScratch {
         queries,
@@ -266,22 +240,13 @@ pub fn attend_block_backward<'q>(
     fill(query_grads, padded * d);
     let ones = [1f32; BLOCK_ROWS];
 
-    let first_key = positions.iter().map(|&p| view.first(p)).min().unwrap_or(0);
-    let last_key = positions.iter().copied().max().unwrap_or(0);
+    let (first_key, last_key) = seen_keys(positions, shape);
     let mut start = first_key;
     while start <= last_key {
         let count = BLOCK_KEYS.min(last_key + 1 - start);
-        for j in 0..BLOCK_KEYS {
-            let (key, value) =
-                if j < count { (keys.row(start + j), values.row(start + j)) } else { (&[][..], &[][..]) };
-            for c in 0..d {
-                keys_transposed[c * BLOCK_KEYS + j] = key.get(c).copied().unwrap_or(0.0);
-                values_transposed[c * BLOCK_KEYS + j] = value.get(c).copied().unwrap_or(0.0);
-            }
-            if j < count {
-                key_rows[j * d..(j + 1) * d].copy_from_slice(key);
-            }
-        }
+        pack_transposed(keys, start, count, keys_transposed);
+        pack_transposed(values, start, count, values_transposed);
+        pack_rows(keys, start, count, key_rows);
         block_scores(queries, padded, d, keys_transposed, scores);
         block_scores(out_grads, padded, d, values_transposed, slopes);
         for r in 0..padded {
@@ -289,7 +254,7 @@ pub fn attend_block_backward<'q>(
                 true => (positions[r], log_sums[r], deltas[r]),
                 false => (0, 0.0, 0.0),
             };
-            let first = view.first(position);
+            let first = shape.first_visible(position);
             let row = r * BLOCK_KEYS..(r + 1) * BLOCK_KEYS;
             for ((j, score), slope) in scores[row.clone()].iter_mut().enumerate().zip(&mut slopes[row]) {
                 let key = start + j;
@@ -325,6 +290,34 @@ pub fn attend_block_backward<'q>(
         let row = &mut query_grads[r * d..(r + 1) * d];
         row.iter_mut().for_each(|g| *g *= scale);
         write_query_grad(r, row);
+    }
+}
+
+/// The first and last key positions any row of a block sees.
+fn seen_keys(positions: &[usize], shape: AttentionShape) -> (usize, usize) {
+    let first = positions.iter().map(|&p| shape.first_visible(p)).min().unwrap_or(0);
+    (first, positions.iter().copied().max().unwrap_or(0))
+}
+
+/// Rows `start..start + count` of `rows`, transposed into `out` (`head_dim × BLOCK_KEYS`), zero beyond `count`.
+fn pack_transposed(rows: &KeyRows, start: usize, count: usize, out: &mut [f32]) {
+    for j in 0..BLOCK_KEYS {
+        match j < count {
+            true => {
+                for (c, &x) in rows.row(start + j).iter().enumerate() {
+                    out[c * BLOCK_KEYS + j] = x;
+                }
+            }
+            false => (0..rows.head_dim).for_each(|c| out[c * BLOCK_KEYS + j] = 0.0),
+        }
+    }
+}
+
+/// Rows `start..start + count` of `rows`, one after the other in `out` (`count × head_dim`).
+fn pack_rows(rows: &KeyRows, start: usize, count: usize, out: &mut [f32]) {
+    let d = rows.head_dim;
+    for j in 0..count {
+        out[j * d..(j + 1) * d].copy_from_slice(rows.row(start + j));
     }
 }
 
@@ -403,8 +396,9 @@ mod tests {
     use super::*;
 
     /// One query at a time, as the first kernels did: the reference for the tiles.
-    fn naive(query: &[f32], position: usize, keys: &KeyRows, values: &KeyRows, view: View, scale: f32) -> Vec<f32> {
-        let seen: Vec<usize> = (view.first(position)..=position).collect();
+    fn naive(query: &[f32], position: usize, keys: &KeyRows, values: &KeyRows, shape: AttentionShape) -> Vec<f32> {
+        let scale = shape.scale;
+        let seen: Vec<usize> = (shape.first_visible(position)..=position).collect();
         let scores: Vec<f64> = seen
             .iter()
             .map(|&j| query.iter().zip(keys.row(j)).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>())
@@ -453,7 +447,7 @@ mod tests {
                 (Box::leak(key_values.into_boxed_slice()), Box::leak(value_values.into_boxed_slice()));
             let (keys, values) = (part(key_values), part(value_values));
             let queries = pseudo_random(length * head_dim, 3);
-            let view = View { window };
+            let shape = AttentionShape::new(2, kv_heads, head_dim).with_window(window).with_scale(0.125);
             let mut scratch = Scratch::default();
             // Blocks of 3 heads × 13 positions, the last one ragged, plus a block of one row.
             let mut blocks: Vec<Vec<usize>> =
@@ -467,14 +461,13 @@ mod tests {
                     &positions,
                     &keys,
                     &values,
-                    view,
-                    0.125,
+                    shape,
                     &mut scratch,
                     |r, row| got[r] = row.to_vec(),
                     Some(&mut log_sums),
                 );
                 for (r, &p) in positions.iter().enumerate() {
-                    let expected = naive(&queries[p * head_dim..][..head_dim], p, &keys, &values, view, 0.125);
+                    let expected = naive(&queries[p * head_dim..][..head_dim], p, &keys, &values, shape);
                     let error = got[r].iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                     assert!(error < 1e-5, "d {head_dim} length {length} window {window:?} position {p}: {error}");
                     assert!(log_sums[r].is_finite());

@@ -18,7 +18,7 @@ use sha2::Digest;
 use super::MendParams;
 use super::editor::Editor;
 use super::train::{TrainProgress, TrainingReport, editor_shape, train};
-use crate::cache::{CacheLock, cache_root, hex};
+use crate::cache::{CacheLock, cache_root, hex, sha256_hex};
 use crate::error::{Error, Result};
 use crate::methods::EditEnv;
 use crate::model::{LoadedModel, WeightId};
@@ -53,7 +53,7 @@ pub fn key_and_path(
         training_data_sha256: crate::cache::sha256_file(&data)?,
     };
     let text = serde_json::to_string(&key).map_err(|e| Error::invalid("(mend)", "key", e.to_string()))?;
-    let digest = hex(&sha2::Sha256::digest(text.as_bytes()));
+    let digest = sha256_hex(text.as_bytes());
     let stem: String = model.id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     Ok((text, cache_root().join("mend").join(format!("{stem}-{}.safetensors", &digest[..16]))))
 }
