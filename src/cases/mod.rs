@@ -21,11 +21,11 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::data::counterfact::{EditDataset, seeded_sample, select_ids};
+use crate::data::request::{EditRequest, LocalityProbe};
 use crate::error::{Error, Result};
-use crate::harness::thresholds::ThresholdOverrides;
-use crate::methods::request::{EditRequest, LocalityProbe};
 use crate::methods::{METHODS, method_entry};
 use crate::registry::{Registry, line_of, parse_toml};
+use crate::thresholds::ThresholdOverrides;
 use tiers::TierRule;
 
 /// How the edits of a suite are applied.

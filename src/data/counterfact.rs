@@ -13,8 +13,8 @@ use rand::SeedableRng;
 use rand::seq::index::sample;
 use serde::Deserialize;
 
+use crate::data::request::{EditRequest, LocalityProbe, template_of};
 use crate::error::{Error, Result};
-use crate::methods::request::{EditRequest, LocalityProbe, template_of};
 
 /// The edit datasets editguard knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@
 
 pub mod counterfact;
 pub mod me_ppl;
+pub mod request;
 
 use std::path::{Path, PathBuf};
 

@@ -13,8 +13,8 @@ use crate::metrics::perplexity::{PerplexityOptions, perplexity};
 use crate::model::LoadedModel;
 
 use super::context::{HarnessContext, SnapshotInfo};
-use super::thresholds;
 use super::trial::{TrialSpec, baseline_name, snapshot_name_of};
+use crate::thresholds;
 
 /// The unedited model's metrics on a corpus.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -57,7 +57,7 @@ impl HarnessContext {
 
     /// Reads `registry_path` and the suites in `cases_dir`; snapshots live in `<root>/snapshots`.
     pub fn new(root: &Path, registry_path: &Path, cases_dir: &Path) -> Result<Self> {
-        let registry = Registry::from_file(registry_path)?;
+        let registry = super::checked_registry::from_file(registry_path)?;
         let suites = cases::load_dir(cases_dir, &registry)?;
         Ok(HarnessContext {
             root: root.to_path_buf(),
@@ -101,7 +101,7 @@ pub struct SnapshotInfo {
     pub suite: Option<String>,
     /// The thresholds in force.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub thresholds: Option<super::thresholds::Thresholds>,
+    pub thresholds: Option<crate::thresholds::Thresholds>,
 }
 
 impl SnapshotInfo {

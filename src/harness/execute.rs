@@ -22,11 +22,11 @@ use crate::model::{LoadedModel, WeightId};
 use super::baseline::{corpus_sentences, for_edit_test};
 use super::context::{HarnessContext, SnapshotInfo};
 use super::task_checks::{TaskCheck, baselines_for_edit_test, check_edited};
-use super::thresholds::{self, Thresholds};
 use super::trial::TrialSpec;
 use super::verdict::{
     Checkpoint, DiagnosisContext, Finding, diagnose, judge_checkpoint, judge_efficacy, meets, outcome_line,
 };
+use crate::thresholds::{self, Thresholds};
 
 /// Wraps the method a test builds; the harness's own tests use it to break a method on purpose.
 pub type MethodWrapper = dyn Fn(Box<dyn EditMethod>) -> Box<dyn EditMethod> + Send + Sync;

@@ -11,12 +11,12 @@
 //! loaded twice would not fit.
 
 pub mod baseline;
+pub mod checked_registry;
 pub mod context;
 pub mod curves;
 pub mod execute;
 pub mod snapshot;
 pub mod task_checks;
-pub mod thresholds;
 pub mod trial;
 pub mod verdict;
 

@@ -14,9 +14,9 @@ use crate::model::LoadedModel;
 use crate::tasks::{EvalOptions, evaluate, task_entry};
 
 use super::context::{HarnessContext, SnapshotInfo};
-use super::thresholds;
 use super::trial::{TrialSpec, snapshot_name_of, task_baseline_name};
 use super::verdict::{Finding, judge_task};
+use crate::thresholds;
 
 /// An unedited model's score on a task sample (a baseline snapshot).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

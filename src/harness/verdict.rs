@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cases::Outcome;
 use crate::harness::task_checks::TaskCheck;
-use crate::harness::thresholds::Thresholds;
+use crate::thresholds::Thresholds;
 
 /// The measurements at one checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

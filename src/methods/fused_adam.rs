@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::model::fast_exp::{with_cpu_f32, with_f32_values};
+use crate::model::kernels::fast_exp::{with_cpu_f32, with_f32_values};
 
 /// Adam's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]

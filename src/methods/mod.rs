@@ -13,7 +13,6 @@ pub mod kn;
 pub mod linalg;
 pub mod memit;
 pub mod mend;
-pub mod request;
 pub mod rome;
 pub mod screen;
 pub mod stats;
@@ -27,7 +26,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-pub use request::{EditRequest, LocalityProbe};
+pub use crate::data::request::{EditRequest, LocalityProbe};
 pub use screen::ScreenSignals;
 
 use crate::error::{Error, Result};
@@ -180,6 +179,25 @@ pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {
         let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
         Error::invalid("(method)", "method", format!("unknown method `{name}`; expected one of {}", known.join(", ")))
     })
+}
+
+/// Checks every `[models.<id>.methods.<method>]` table of the registry: the method exists and its settings build it
+/// (unknown or ill-typed hyper-parameters are named with their dotted field).
+pub fn check_settings(registry: &Registry) -> Result<()> {
+    for (id, model) in &registry.models {
+        for (method, table) in &model.methods {
+            let entry = METHODS.iter().find(|m| m.name == method.as_str()).ok_or_else(|| {
+                let names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+                Error::invalid(
+                    &registry.origin,
+                    format!("models.{id}.methods.{method}"),
+                    format!("unknown method `{method}`; expected one of {}", names.join(", ")),
+                )
+            })?;
+            (entry.build)(table, &format!("{}: models.{id}.methods.{method}", registry.origin))?;
+        }
+    }
+    Ok(())
 }
 
 /// Builds `method` with the hyper-parameters models.toml gives it for `model_id`.

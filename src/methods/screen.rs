@@ -24,9 +24,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::request::EditRequest;
 use super::subject::SubjectPrompt;
 use super::{dot, l2_norm};
+use crate::data::request::EditRequest;
 use crate::error::Result;
 use crate::metrics::edit_quality::score_continuations;
 use crate::model::LoadedModel;

@@ -2,7 +2,9 @@
 //! token ("subject_last", the fact-token strategy of ROME and MEMIT).
 //!
 //! The index is `len(tokens(prefix + subject)) − 1`, computed on the text before the `{}` with the subject appended,
-//! as EasyEdit does; the full prompt must start with exactly those tokens, which is checked.
+//! as EasyEdit does; the full prompt must start with those tokens, which is checked — except for the subject's last
+//! token, which may merge with the text after it (Gemma's tokenizer reads `F.C.,` as `F`, `.`, `C`, `.,`): then the
+//! index points at the merged token, as the references' index does (they never check).
 
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -25,7 +27,8 @@ impl SubjectPrompt {
         let text = template.replacen("{}", subject, 1);
         let ids = model.encode(&text)?;
         let head = model.encode(&format!("{prefix}{subject}"))?;
-        if head.is_empty() || ids.len() < head.len() || ids[..head.len()] != head[..] {
+        let before_last = head.len().saturating_sub(1);
+        if head.is_empty() || ids.len() < head.len() || ids[..before_last] != head[..before_last] {
             return Err(Error::invalid(
                 "(edit request)",
                 "subject",

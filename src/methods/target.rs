@@ -20,8 +20,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use super::l2_norm;
-use super::request::EditRequest;
 use super::subject::SubjectPrompt;
+use crate::data::request::EditRequest;
 use crate::error::{Error, Result, ensure_finite};
 use crate::model::{
     AddAtSites, Capture, HookPoint, HookSet, KvMode, KvRecorder, LoadedModel, NoHooks, PackedBatch, Path, Site,

@@ -11,8 +11,8 @@
 
 use serde::Serialize;
 
+use crate::data::request::EditRequest;
 use crate::error::Result;
-use crate::methods::request::EditRequest;
 use crate::model::{LoadedModel, NoHooks, Path, Site};
 
 /// A teacher-forced continuation's score.

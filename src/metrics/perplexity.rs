@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use crate::error::{Result, ensure_finite};
-use crate::model::fast_exp::{max_of, sum_exp_shifted, with_cpu_f32};
+use crate::model::kernels::fast_exp::{max_of, sum_exp_shifted, with_cpu_f32};
 use crate::model::packing::length_sorted_chunks;
 use crate::model::{LoadedModel, NoHooks, Path, Site};
 

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::harness::thresholds::Thresholds;
 use crate::methods::ScreenSignals;
+use crate::thresholds::Thresholds;
 
 /// The format tag of the header line.
 pub const JOURNAL_FORMAT: &str = "editguard-mine-journal/1";

@@ -26,12 +26,12 @@ use crate::data::me_ppl::Corpus;
 use crate::error::{Error, Result};
 use crate::harness::baseline;
 use crate::harness::execute::measure_checkpoint;
-use crate::harness::thresholds;
 use crate::harness::verdict::{Finding, judge_checkpoint};
 use crate::methods::{EditEnv, EditMethod, EditRequest, build_method};
 use crate::metrics::edit_quality::locality_baseline;
 use crate::model::LoadedModel;
 use crate::registry::Registry;
+use crate::thresholds;
 
 use journal::{EditMeasurement, EntryStatus, Journal, JournalEntry, MineSettings};
 use screen::ScreenRule;

@@ -2,13 +2,13 @@
 //! approximation of GELU (Gemma's GeGLU).
 //!
 //! Each is a scalar function with its derivative, used by the CPU kernels of both forward paths
-//! ([`gated_product_fast`] and the differentiable [`super::fused::gated_product`]), and a composed
+//! ([`gated_product_fast`] and the differentiable [`super::kernels::fused::gated_product`]), and a composed
 //! candle operation for other devices and dtypes. The tanh form is computed as `x · σ(2u)` with
 //! `u = √(2/π) (x + 0.044715 x³)`, which equals `½ x (1 + tanh u)` exactly and needs only one exponential.
 
 use candle_core::{Result, Tensor};
 
-use super::fast_exp::{exp_f32, with_cpu_f32, with_simd};
+use super::kernels::fast_exp::{exp_f32, with_cpu_f32, with_simd};
 
 /// `√(2/π)`.
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
@@ -75,9 +75,9 @@ pub fn gated_product_fast(gate_up: &Tensor, width: usize, activation: GateActiva
     let rows = gate_up.dim(0)?;
     let computed = with_cpu_f32(&gate_up, |values| {
         let mut out = vec![0f32; rows * width];
-        let rows_per_thread = rows.div_ceil(crate::model::workers::threads()).max(1);
+        let rows_per_thread = rows.div_ceil(crate::model::kernels::workers::threads()).max(1);
         let pieces: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_thread * width).enumerate().collect();
-        crate::model::workers::for_each_item(pieces, |(index, target)| {
+        crate::model::kernels::workers::for_each_item(pieces, |(index, target)| {
             let source = &values[index * rows_per_thread * 2 * width..];
             with_simd(|| {
                 for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {

@@ -5,7 +5,7 @@
 //! sequences (e.g. the few-shot examples every GSM8K prompt starts with) is stored once and read by all. A pass in
 //! [`KvMode::Decode`](super::KvMode::Decode) appends the batch's keys and values to the buffers of their sequences
 //! and attends, for each new token, to the shared prefix, the sequence's earlier tokens and itself, through the tiled
-//! kernel ([`super::tiled_attention`]: per sequence and key/value head, the new tokens of every query head of the group
+//! kernel ([`super::kernels::tiled_attention`]: per sequence and key/value head, the new tokens of every query head of the group
 //! form one block, so each cached key and value row is read once for the whole group); blocks are shared out across
 //! the cores. It has no backward pass, which decoding does not need.
 
@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use super::attention_cpu::{BlockRows, SharedOutput, attend_positions, position_blocks};
+use super::kernels::attention_cpu::{BlockRows, SharedOutput, attend_positions, position_blocks};
+use super::kernels::tiled_attention::KeyRows;
 use super::layers::{AttentionShape, Rotary};
 use super::packing::Packing;
 use super::prefix::{KvRecorder, LayerLayouts};
-use super::tiled_attention::KeyRows;
 use crate::error::{Error, Result};
 
 /// Packed key rows (rotated) and value rows, `kv_heads·head_dim` values each.
@@ -145,7 +145,7 @@ pub fn decode_attention(
         .collect();
     let target = SharedOutput::new(&mut out);
     let own = &*own;
-    super::workers::for_each_item(blocks, |(s, kv_head, new)| {
+    super::kernels::workers::for_each_item(blocks, |(s, kv_head, new)| {
         let cached = own[s].keys.len() / kv_width;
         // Positions: the shared prefix, then the sequence's rows (the new ones last).
         let before = cache.shared.rows + cached - packing.lengths()[s];

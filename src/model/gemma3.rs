@@ -127,6 +127,18 @@ impl Gemma3Config {
     /// The per-layer kinds, rotary bases and activation, refusing what the forward pass does not implement.
     fn resolve(&self, origin: &str) -> Result<Spec> {
         let bad = |field: &str, expected: String| Error::invalid(origin, field, expected);
+        for (field, size) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if size == 0 {
+                return Err(bad(field, "expected a size of at least 1, found 0".to_string()));
+            }
+        }
         let activation = GateActivation::from_name(&self.hidden_activation).ok_or_else(|| {
             bad("hidden_activation", format!("expected gelu_pytorch_tanh or silu, found `{}`", self.hidden_activation))
         })?;
@@ -211,30 +223,30 @@ impl Gemma3Config {
                 format!("general.architecture is `{arch}`, expected `gemma3`"),
             ));
         }
-        let heads = file.usize("gemma3.attention.head_count")?;
-        let hidden = file.usize("gemma3.embedding_length")?;
-        let head_dim = file.usize("gemma3.attention.key_length").unwrap_or(hidden / heads);
-        let layers = file.usize("gemma3.block_count")?;
+        let heads = file.size("gemma3.attention.head_count")?;
+        let hidden = file.size("gemma3.embedding_length")?;
+        let head_dim = file.size_or("gemma3.attention.key_length", hidden / heads)?;
+        let layers = file.block_count("gemma3.block_count")?;
         let layer_types = (0..layers)
             .map(|i| if (i + 1) % GGUF_GLOBAL_EVERY == 0 { "full_attention" } else { "sliding_attention" }.to_string())
             .collect();
         Ok(Gemma3Config {
             hidden_size: hidden,
-            intermediate_size: file.usize("gemma3.feed_forward_length")?,
+            intermediate_size: file.size("gemma3.feed_forward_length")?,
             num_hidden_layers: layers,
             num_attention_heads: heads,
-            num_key_value_heads: file.usize("gemma3.attention.head_count_kv").unwrap_or(heads),
+            num_key_value_heads: file.size_or("gemma3.attention.head_count_kv", heads)?,
             head_dim,
             rms_norm_eps: file.f64("gemma3.attention.layer_norm_rms_epsilon")?,
             query_pre_attn_scalar: head_dim as f64,
-            sliding_window: file.usize("gemma3.attention.sliding_window")?,
+            sliding_window: file.size("gemma3.attention.sliding_window")?,
             layer_types: Some(layer_types),
             sliding_window_pattern: None,
             rope_theta: Some(file.f64("gemma3.rope.freq_base").unwrap_or(1_000_000.0)),
             rope_local_base_freq: Some(LOCAL_ROPE_BASE),
             rope_parameters: None,
             rope_scaling: None,
-            max_position_embeddings: file.usize("gemma3.context_length").unwrap_or(32_768),
+            max_position_embeddings: file.size_or("gemma3.context_length", 32_768)?,
             vocab_size: file.array("tokenizer.ggml.tokens")?.len(),
             hidden_activation: default_activation(),
             final_logit_softcapping: None,
@@ -304,9 +316,11 @@ impl Gemma3 {
         device: &Device,
     ) -> Result<Self> {
         let spec = config.resolve(origin)?;
-        let get = |name: String| weights.get(&name, dtype, device);
-        let norm = |name: String| -> Result<Tensor> {
-            let stored = get(name)?;
+        let get = |name: String, shape: &[usize]| weights.get_shaped(&name, shape, dtype, device);
+        let (hidden, inter, head_dim) = (spec.hidden, config.intermediate_size, config.head_dim);
+        let (q_rows, kv_rows) = (config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim);
+        let norm = |name: String, width: usize| -> Result<Tensor> {
+            let stored = get(name, &[width])?;
             Ok(match norms {
                 NormScale::PlusOne => (stored + 1.0)?,
                 NormScale::AsStored => stored,
@@ -315,27 +329,27 @@ impl Gemma3 {
         let blocks = load_layers(config.num_hidden_layers, |i| {
             let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
             let qkv = [
-                get(p("self_attn.q_proj.weight"))?,
-                get(p("self_attn.k_proj.weight"))?,
-                get(p("self_attn.v_proj.weight"))?,
+                get(p("self_attn.q_proj.weight"), &[q_rows, hidden])?,
+                get(p("self_attn.k_proj.weight"), &[kv_rows, hidden])?,
+                get(p("self_attn.v_proj.weight"), &[kv_rows, hidden])?,
             ];
             Ok(Block {
-                input_norm: norm(p("input_layernorm.weight"))?,
+                input_norm: norm(p("input_layernorm.weight"), hidden)?,
                 qkv: Tensor::cat(&qkv, 0)?,
-                query_norm: norm(p("self_attn.q_norm.weight"))?,
-                key_norm: norm(p("self_attn.k_norm.weight"))?,
-                o: get(p("self_attn.o_proj.weight"))?,
-                post_attention_norm: norm(p("post_attention_layernorm.weight"))?,
-                pre_mlp_norm: norm(p("pre_feedforward_layernorm.weight"))?,
+                query_norm: norm(p("self_attn.q_norm.weight"), head_dim)?,
+                key_norm: norm(p("self_attn.k_norm.weight"), head_dim)?,
+                o: get(p("self_attn.o_proj.weight"), &[hidden, q_rows])?,
+                post_attention_norm: norm(p("post_attention_layernorm.weight"), hidden)?,
+                pre_mlp_norm: norm(p("pre_feedforward_layernorm.weight"), hidden)?,
                 mlp: GatedMlp::new(
-                    get(p("mlp.gate_proj.weight"))?,
-                    get(p("mlp.up_proj.weight"))?,
-                    get(p("mlp.down_proj.weight"))?,
+                    get(p("mlp.gate_proj.weight"), &[inter, hidden])?,
+                    get(p("mlp.up_proj.weight"), &[inter, hidden])?,
+                    get(p("mlp.down_proj.weight"), &[hidden, inter])?,
                 )?,
-                post_mlp_norm: norm(p("post_feedforward_layernorm.weight"))?,
+                post_mlp_norm: norm(p("post_feedforward_layernorm.weight"), hidden)?,
             })
         })?;
-        let embed = get("model.embed_tokens.weight".to_string())?;
+        let embed = get("model.embed_tokens.weight".to_string(), &[config.vocab_size, hidden])?;
         let positions = spec.max_positions.min(MAX_ROTARY_POSITIONS);
         let rotary = |base: f64| Rotary::new(spec.head_dim, base, positions, RotaryLayout::HalfSplit, dtype, device);
         Ok(Gemma3 {
@@ -343,7 +357,7 @@ impl Gemma3 {
             embed_scale: f64::from((spec.hidden as f32).sqrt()),
             global_rotary: rotary(spec.global_base)?,
             local_rotary: rotary(spec.local_base)?,
-            norm: norm("model.norm.weight".to_string())?,
+            norm: norm("model.norm.weight".to_string(), hidden)?,
             embed,
             blocks,
             spec,

@@ -28,6 +28,8 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the cache publishes files atomically and never rewrites them in place.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        super::gguf_header::check(&map)
+            .map_err(|e| Error::model_file(path.display().to_string(), format!("not a readable GGUF file: {e}")))?;
         let content = Content::read(&mut std::io::Cursor::new(&map[..]))
             .map_err(|e| Error::model_file(path.display().to_string(), format!("not a readable GGUF file: {e}")))?;
         Ok(GgufFile { path: path.to_path_buf(), map, content })
@@ -71,10 +73,36 @@ impl GgufFile {
             Value::I32(v) if *v >= 0 => *v as u64,
             Value::I64(v) if *v >= 0 => *v as u64,
             other => {
-                return Err(self.error(format!("metadata `{key}`: expected an unsigned integer, found {other:?}")));
+                return Err(
+                    self.error(format!("metadata `{key}`: expected an unsigned integer, found {}", kind(other)))
+                );
             }
         };
-        Ok(n as usize)
+        usize::try_from(n).map_err(|_| self.error(format!("metadata `{key}`: {n} does not fit this machine's usize")))
+    }
+
+    /// A size entry (a count of layers, heads, units): an unsigned integer of at least 1.
+    pub fn size(&self, key: &str) -> Result<usize> {
+        match self.usize(key)? {
+            0 => Err(self.error(format!("metadata `{key}`: expected a size of at least 1, found 0"))),
+            n => Ok(n),
+        }
+    }
+
+    /// The layer count (`<arch>.block_count`): a size no larger than the file's number of tensors, since every layer
+    /// has some, so a corrupt count cannot size per-layer tables beyond what the file holds.
+    pub fn block_count(&self, key: &str) -> Result<usize> {
+        let count = self.size(key)?;
+        let tensors = self.content.tensor_infos.len();
+        if count > tensors {
+            return Err(self.error(format!("metadata `{key}`: {count} layers, but the file holds {tensors} tensors")));
+        }
+        Ok(count)
+    }
+
+    /// A size entry, or `default` when the key is absent (a present but invalid entry is an error, not the default).
+    pub fn size_or(&self, key: &str, default: usize) -> Result<usize> {
+        if self.content.metadata.contains_key(key) { self.size(key) } else { Ok(default) }
     }
 
     /// A float entry.
@@ -82,7 +110,7 @@ impl GgufFile {
         match self.value(key)? {
             Value::F32(v) => Ok(*v as f64),
             Value::F64(v) => Ok(*v),
-            other => Err(self.error(format!("metadata `{key}`: expected a float, found {other:?}"))),
+            other => Err(self.error(format!("metadata `{key}`: expected a float, found {}", kind(other)))),
         }
     }
 
@@ -102,6 +130,15 @@ impl GgufFile {
         let quantized =
             self.content.tensor(&mut cursor, name, device).map_err(|e| self.error(format!("tensor `{name}`: {e}")))?;
         Ok(quantized.dequantize(device)?.to_dtype(dtype)?)
+    }
+}
+
+/// The type of a metadata value, for errors (an array's elements are not printed: it may hold the whole vocabulary).
+fn kind(value: &Value) -> String {
+    match value {
+        Value::Array(items) => format!("an array of {} values", items.len()),
+        Value::String(text) => format!("a string of {} bytes", text.len()),
+        other => format!("{other:?}"),
     }
 }
 

@@ -4,12 +4,12 @@
 //! backward pass: gradients silently stop at them. [`Path::Fast`] uses them for evaluation; [`Path::Differentiable`]
 //! uses the composed versions (`rms_norm_slow`, `softmax`, `rope_slow`...) so that gradients reach hooked vectors and
 //! optimised weights, and routes products with constant weights through [`matmul_frozen`]; on the CPU, RMS norm and
-//! SwiGLU take single operations with hand-written gradients instead ([`super::fused`]).
+//! SwiGLU take single operations with hand-written gradients instead ([`super::kernels::fused`]).
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
 use super::activation::{GateActivation, gated_product_fast};
-use super::frozen::matmul_frozen;
+use super::kernels::frozen::matmul_frozen;
 use super::packing::Packing;
 
 /// Which implementation of the forward pass to run.
@@ -21,15 +21,15 @@ pub enum Path {
     Differentiable,
 }
 
-/// Below this many rows, a product candle computes (operands [`super::cpu_matmul`] leaves alone, e.g. `f16` weights)
+/// Below this many rows, a product candle computes (operands [`super::kernels::cpu_matmul`] leaves alone, e.g. `f16` weights)
 /// is taken as `(W · xᵀ)ᵀ`: the row-major weight is then streamed once instead of being repacked for every call,
 /// which was up to four times faster for the few-token prompts of editing methods.
 pub const SMALL_BATCH_ROWS: usize = 32;
 
 /// `x · Wᵀ` for `x: (rows, in)`, `w: (out, in)`: split over the CPU worker pool when the operands qualify
-/// ([`super::cpu_matmul`]), otherwise in the orientation that is fastest for this many rows.
+/// ([`super::kernels::cpu_matmul`]), otherwise in the orientation that is fastest for this many rows.
 pub fn matmul_transposed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if let Some(product) = super::cpu_matmul::try_matmul_weight_transposed(x, w)? {
+    if let Some(product) = super::kernels::cpu_matmul::try_matmul_weight_transposed(x, w)? {
         Ok(product)
     } else if x.dim(0)? < SMALL_BATCH_ROWS {
         w.matmul(&x.t()?)?.t()?.contiguous()
@@ -55,8 +55,8 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, path: Path) -> Resu
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
     match path {
         Path::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
-        Path::Differentiable if super::fused::supports(x) && !weight.track_op() => {
-            super::fused::rms_norm(x, weight, eps)
+        Path::Differentiable if super::kernels::fused::supports(x) && !weight.track_op() => {
+            super::kernels::fused::rms_norm(x, weight, eps)
         }
         Path::Differentiable => candle_nn::ops::rms_norm_slow(x, weight, eps as f32),
     }
@@ -75,8 +75,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, path: Pa
 pub fn gated_product(gate_up: &Tensor, width: usize, activation: GateActivation, path: Path) -> Result<Tensor> {
     match path {
         Path::Fast => gated_product_fast(gate_up, width, activation),
-        Path::Differentiable if super::fused::supports(gate_up) => {
-            super::fused::gated_product(gate_up, width, activation)
+        Path::Differentiable if super::kernels::fused::supports(gate_up) => {
+            super::kernels::fused::gated_product(gate_up, width, activation)
         }
         Path::Differentiable => {
             activation.composed(&gate_up.narrow(1, 0, width)?)? * gate_up.narrow(1, width, width)?
@@ -321,7 +321,7 @@ pub fn causal_attention(
     path: Path,
 ) -> Result<Tensor> {
     if path == Path::Fast && q.device().is_cpu() && q.dtype() == DType::F32 {
-        return super::attention_cpu::packed_causal_attention(q, k, v, packing, shape, rotary)
+        return super::kernels::attention_cpu::packed_causal_attention(q, k, v, packing, shape, rotary)
             .map_err(|e| candle_core::Error::Msg(e.to_string()));
     }
     let AttentionShape { heads, kv_heads, head_dim, .. } = shape;

@@ -102,6 +102,19 @@ impl LlamaConfig {
     }
 
     fn check(&self, origin: &str) -> Result<()> {
+        for (field, size) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim.unwrap_or(1)),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if size == 0 {
+                return Err(Error::invalid(origin, field, "expected a size of at least 1, found 0"));
+            }
+        }
         if self.hidden_act != "silu" {
             return Err(Error::invalid(origin, "hidden_act", format!("expected `silu`, found `{}`", self.hidden_act)));
         }
@@ -123,22 +136,22 @@ impl LlamaConfig {
                 format!("general.architecture is `{arch}`, expected `llama`"),
             ));
         }
-        let heads = file.usize("llama.attention.head_count")?;
-        let hidden = file.usize("llama.embedding_length")?;
-        let vocab = match file.usize("llama.vocab_size") {
-            Ok(v) => v,
-            Err(_) => file.array("tokenizer.ggml.tokens")?.len(),
+        let heads = file.size("llama.attention.head_count")?;
+        let hidden = file.size("llama.embedding_length")?;
+        let vocab = match file.metadata().contains_key("llama.vocab_size") {
+            true => file.size("llama.vocab_size")?,
+            false => file.array("tokenizer.ggml.tokens")?.len(),
         };
         Ok(LlamaConfig {
             hidden_size: hidden,
-            intermediate_size: file.usize("llama.feed_forward_length")?,
-            num_hidden_layers: file.usize("llama.block_count")?,
+            intermediate_size: file.size("llama.feed_forward_length")?,
+            num_hidden_layers: file.block_count("llama.block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: Some(file.usize("llama.attention.head_count_kv").unwrap_or(heads)),
-            head_dim: Some(file.usize("llama.rope.dimension_count").unwrap_or(hidden / heads)),
+            num_key_value_heads: Some(file.size_or("llama.attention.head_count_kv", heads)?),
+            head_dim: Some(file.size_or("llama.rope.dimension_count", hidden / heads)?),
             rms_norm_eps: file.f64("llama.attention.layer_norm_rms_epsilon")?,
             rope_theta: file.f64("llama.rope.freq_base").unwrap_or(10_000.0),
-            max_position_embeddings: file.usize("llama.context_length").unwrap_or(2048),
+            max_position_embeddings: file.size_or("llama.context_length", 2048)?,
             vocab_size: vocab,
             tie_word_embeddings: !file.has_tensor("output.weight"),
             hidden_act: "silu".to_string(),
@@ -187,6 +200,10 @@ fn from_gguf(file: &GgufFile, dtype: DType, device: &Device) -> Result<Box<dyn C
     Ok(Box::new(Llama::load(config, &origin, &weights, dtype, device)?))
 }
 
+/// The longest sequence the rotary table is built for: a file's context length is not trusted to size a table (a
+/// corrupt `context_length` would allocate without bound); 32,768 covers the Llama-family models of the registry.
+const MAX_ROTARY_POSITIONS: usize = 32_768;
+
 impl Llama {
     /// Loads all weights of `config` from `weights`.
     pub fn load(
@@ -198,32 +215,36 @@ impl Llama {
     ) -> Result<Self> {
         config.normalise_rope(origin)?;
         config.check(origin)?;
-        let get = |name: String| weights.get(&name, dtype, device);
+        let get = |name: String, shape: &[usize]| weights.get_shaped(&name, shape, dtype, device);
+        let (hidden, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (q_rows, kv_rows) = (config.num_attention_heads * config.head_dim(), config.kv_heads() * config.head_dim());
         let blocks = load_layers(config.num_hidden_layers, |i| {
             let p = |suffix: &str| format!("model.layers.{i}.{suffix}");
             let qkv = [
-                get(p("self_attn.q_proj.weight"))?,
-                get(p("self_attn.k_proj.weight"))?,
-                get(p("self_attn.v_proj.weight"))?,
+                get(p("self_attn.q_proj.weight"), &[q_rows, hidden])?,
+                get(p("self_attn.k_proj.weight"), &[kv_rows, hidden])?,
+                get(p("self_attn.v_proj.weight"), &[kv_rows, hidden])?,
             ];
             Ok(Block {
-                input_norm: get(p("input_layernorm.weight"))?,
+                input_norm: get(p("input_layernorm.weight"), &[hidden])?,
                 qkv: Tensor::cat(&qkv, 0)?,
-                o: get(p("self_attn.o_proj.weight"))?,
-                post_norm: get(p("post_attention_layernorm.weight"))?,
+                o: get(p("self_attn.o_proj.weight"), &[hidden, q_rows])?,
+                post_norm: get(p("post_attention_layernorm.weight"), &[hidden])?,
                 mlp: GatedMlp::new(
-                    get(p("mlp.gate_proj.weight"))?,
-                    get(p("mlp.up_proj.weight"))?,
-                    get(p("mlp.down_proj.weight"))?,
+                    get(p("mlp.gate_proj.weight"), &[inter, hidden])?,
+                    get(p("mlp.up_proj.weight"), &[inter, hidden])?,
+                    get(p("mlp.down_proj.weight"), &[hidden, inter])?,
                 )?,
             })
         })?;
-        let embed = get("model.embed_tokens.weight".to_string())?;
+        let embed = get("model.embed_tokens.weight".to_string(), &[vocab, hidden])?;
         let lm_head = if config.tie_word_embeddings || !weights.contains("lm_head.weight") {
             embed.clone()
         } else {
-            get("lm_head.weight".to_string())?
+            get("lm_head.weight".to_string(), &[vocab, hidden])?
         };
+        // The rotary table covers at most MAX_ROTARY_POSITIONS positions (dims() reports the same bound).
+        config.max_position_embeddings = config.max_position_embeddings.min(MAX_ROTARY_POSITIONS);
         let rotary = Rotary::new(
             config.head_dim(),
             config.rope_theta,
@@ -232,7 +253,7 @@ impl Llama {
             dtype,
             device,
         )?;
-        Ok(Llama { norm: get("model.norm.weight".to_string())?, embed, blocks, lm_head, rotary, config })
+        Ok(Llama { norm: get("model.norm.weight".to_string(), &[hidden])?, embed, blocks, lm_head, rotary, config })
     }
 
     fn attention_shape(&self) -> AttentionShape {

@@ -5,31 +5,23 @@
 //! differentiable), logits at chosen tokens, and weight overrides `W → W + ΔW` that restore `W` exactly.
 
 pub mod activation;
-pub mod attention_cpu;
-pub mod cpu_matmul;
 pub mod decode;
-pub mod fast_exp;
-pub mod frozen;
-pub mod fused;
 pub mod gated_mlp;
 pub mod gemma3;
 pub mod generation;
 pub mod gguf;
+pub mod gguf_header;
 pub mod gpt2;
 pub mod gptj;
 pub mod hooks;
+pub mod kernels;
 pub mod layers;
 pub mod llama;
 pub mod packing;
 pub mod prefix;
-pub mod prefix_attention_cpu;
 pub mod sentencepiece;
-pub mod simd_matmul;
-pub mod tiled_attention;
 pub mod tokenizer;
-pub mod trained_product;
 pub mod weights;
-pub mod workers;
 
 use std::ops::Range;
 use std::time::Instant;
@@ -225,6 +217,22 @@ pub fn architecture(name: &str) -> Result<&'static Architecture> {
         let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
         Error::invalid("models.toml", "architecture", format!("unknown `{name}`; expected one of {}", known.join(", ")))
     })
+}
+
+/// Checks that every model of the registry names an architecture of [`ARCHITECTURES`], naming file, line and field.
+pub fn check_architectures(registry: &Registry) -> Result<()> {
+    for (id, entry) in &registry.models {
+        let name = entry.architecture.get_ref();
+        if !ARCHITECTURES.iter().any(|a| a.name == name) {
+            let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
+            return Err(Error::invalid(
+                registry.located(entry.architecture.span()),
+                format!("models.{id}.architecture"),
+                format!("unknown architecture `{name}`; expected one of: {}", known.join(", ")),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The device editguard computes on: CUDA or Metal when built with the feature and available, else the CPU.

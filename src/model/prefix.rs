@@ -12,9 +12,9 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use super::decode::{DecodeCache, decode_attention};
+use super::kernels::prefix_attention_cpu::PrefixGeometry;
 use super::layers::{AttentionShape, Path, Rotary, causal_attention, softmax_last};
 use super::packing::Packing;
-use super::prefix_attention_cpu::PrefixGeometry;
 use crate::error::{Error, Result};
 
 /// How a pass treats attention keys and values.
@@ -237,7 +237,7 @@ pub fn attention(
 }
 
 /// Attention of the tokens from each sequence's start on, over the cached prefix and themselves: one differentiable
-/// CPU operation for `f32` on the CPU ([`super::prefix_attention_cpu`]), composed candle operations otherwise.
+/// CPU operation for `f32` on the CPU ([`super::kernels::prefix_attention_cpu`]), composed candle operations otherwise.
 #[allow(clippy::too_many_arguments)]
 fn prefix_attention(
     layer: usize,
@@ -252,9 +252,16 @@ fn prefix_attention(
 ) -> Result<Tensor> {
     let AttentionShape { heads, kv_heads, head_dim, scale, .. } = shape;
     let (prefix_k, prefix_v) = cache.layer(layer)?;
-    if super::fused::supports(q) {
+    if super::kernels::fused::supports(q) {
         let geometry = PrefixGeometry { starts: cache.starts.clone(), lengths: packing.lengths().to_vec(), shape };
-        return super::prefix_attention_cpu::prefix_attention(q, k, v, (prefix_k, prefix_v), &geometry, rotary);
+        return super::kernels::prefix_attention_cpu::prefix_attention(
+            q,
+            k,
+            v,
+            (prefix_k, prefix_v),
+            &geometry,
+            rotary,
+        );
     }
     let layout = cache.layout(packing, shape, rotary, q.dtype())?;
     let (q, k) = match (rotary, &layout.tables) {

@@ -19,6 +19,19 @@ pub trait WeightSource: Sync {
     /// A short description for error messages.
     fn describe(&self) -> String;
 
+    /// Tensor `name`, which must have `shape` (what the configuration implies): a file whose tensors disagree with
+    /// its own hyper-parameters is refused at load, naming the tensor, before anything is sized from them.
+    fn get_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let tensor = self.get(name, dtype, device)?;
+        if tensor.dims() != shape {
+            return Err(Error::model_file(
+                self.describe(),
+                format!("tensor `{name}` has shape {:?}; the hyper-parameters ask for {shape:?}", tensor.dims()),
+            ));
+        }
+        Ok(tensor)
+    }
+
     /// Returns the first of `names` that exists.
     fn get_any(&self, names: &[String], dtype: DType, device: &Device) -> Result<Tensor> {
         match names.iter().find(|n| self.contains(n)) {
@@ -64,19 +77,36 @@ impl WeightSource for SafetensorsWeights {
 
 /// Builds `count` layers with `load(index)`, spread over the available cores (dequantising GGUF weights is the
 /// bulk of loading a model).
+///
+/// The last layer is loaded first, alone: a layer count the weights do not back (a corrupt `block_count` of four
+/// million, found by the `gguf` fuzz target) fails there, before anything is sized from it; and each worker stops at
+/// its first error instead of trying every remaining layer.
 pub fn load_layers<T: Send>(count: usize, load: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, count.max(1));
-    let mut slots: Vec<Option<Result<T>>> = (0..count).map(|_| None).collect();
+    let Some(rest) = count.checked_sub(1) else { return Ok(Vec::new()) };
+    let last = load(rest)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, rest.max(1));
+    let mut slots: Vec<Option<Result<T>>> = (0..rest).map(|_| None).collect();
+    let width = rest.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
-        for (worker, chunk) in slots.chunks_mut(count.div_ceil(threads).max(1)).enumerate() {
+        for (worker, chunk) in slots.chunks_mut(width).enumerate() {
             let load = &load;
-            let first = worker * count.div_ceil(threads).max(1);
             scope.spawn(move || {
                 for (offset, slot) in chunk.iter_mut().enumerate() {
-                    *slot = Some(load(first + offset));
+                    let layer = load(worker * width + offset);
+                    let failed = layer.is_err();
+                    *slot = Some(layer);
+                    if failed {
+                        break;
+                    }
                 }
             });
         }
     });
-    slots.into_iter().map(|slot| slot.expect("every layer slot is filled")).collect()
+    let mut layers = Vec::with_capacity(count);
+    for slot in slots {
+        // A worker leaves slots empty only after an error in the same chunk, which comes first.
+        layers.push(slot.expect("a slot is empty only after an error, which ends the collection first")?);
+    }
+    layers.push(last);
+    Ok(layers)
 }

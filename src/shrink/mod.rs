@@ -21,11 +21,11 @@ use crate::error::{Error, Result};
 use crate::harness::baseline::{corpus_sentences, for_edit_test};
 use crate::harness::context::HarnessContext;
 use crate::harness::execute::{measure_checkpoint, measure_edits};
-use crate::harness::thresholds::Thresholds;
 use crate::harness::verdict::{Finding, judge_checkpoint};
 use crate::methods::{AppliedEdit, EditEnv, EditMethod, EditRequest, build_method};
 use crate::metrics::edit_quality::locality_baseline;
 use crate::model::LoadedModel;
+use crate::thresholds::Thresholds;
 
 /// The test to shrink: a multi-edit suite, a method and a model.
 #[derive(Debug, Clone)]

@@ -29,8 +29,8 @@ use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::data::request::template_of;
 use crate::error::{Error, Result};
-use crate::methods::request::template_of;
 use crate::methods::subject::SubjectPrompt;
 use crate::model::{HookPoint, LoadedModel, Path, Site};
 

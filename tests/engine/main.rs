@@ -3,12 +3,14 @@
 
 mod architectures;
 mod cli;
+mod fuzz_regressions;
 mod gradients;
 mod harness;
 mod mend;
 mod methods;
 mod mining;
 mod reference;
+mod structure;
 mod support;
 mod tasks;
 mod tracing;

@@ -151,3 +151,17 @@ fn sentences_too_short_to_score_are_named_by_index() {
     let error = perplexity_of_ids(&model, &[vec![7], vec![]], options, None).unwrap_err().to_string();
     assert!(error.contains("sentences 0, 1") && !error.contains("NaN"), "{error}");
 }
+
+/// A subject whose last token merges with the text after it (`F.C.` + `,` → `.,` in Gemma's vocabulary) is located
+/// as the references locate it, at the merged token; a subject whose earlier tokens differ is still refused.
+#[test]
+fn gemma3_subject_whose_last_token_merges_with_the_prompt_is_found() {
+    use editguard::methods::subject::SubjectPrompt;
+    let model = gemma_model();
+    let prompt = SubjectPrompt::new(model, "{}, whose headquarters are in", "Keshavarz F.C.").unwrap();
+    let head = model.encode("Keshavarz F.C.").unwrap();
+    assert_eq!(prompt.subject_last, head.len() - 1);
+    assert_eq!(prompt.ids[..head.len() - 1], head[..head.len() - 1]);
+    assert_ne!(prompt.ids[head.len() - 1], head[head.len() - 1], "the last subject token merged with the comma");
+    assert_eq!(model.tokenizer.decode(&prompt.ids[prompt.subject_last..=prompt.subject_last], false).unwrap(), ".,");
+}

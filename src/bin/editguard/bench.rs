@@ -108,7 +108,7 @@ pub fn run(args: BenchArgs, registry: &Registry, data_dir: Option<PathBuf>) -> R
         let bar = super::spinner("running the same perplexities through PyTorch".to_string());
         let files = editguard::source::fetch(registry, &id)?;
         let bos = model.prepended_bos().is_some();
-        let threads = editguard::model::workers::threads();
+        let threads = editguard::model::kernels::workers::threads();
         let corpus = Corpus::MePpl50.locate(data_dir.as_deref())?;
         report.pytorch =
             Some(editguard::bench_pytorch::run(python, &files.weights[0], &corpus, bos, threads, args.repeats)?);

@@ -147,7 +147,7 @@ fn main() -> Result<()> {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { editguard::runtime::configure_process() };
     let cli = Cli::parse();
-    let registry = Registry::discover(cli.registry.as_deref())?;
+    let registry = editguard::harness::checked_registry::discover(cli.registry.as_deref())?;
     let model_or_default = |m: Option<String>| m.unwrap_or_else(|| registry.default_model.clone());
     match cli.command {
         Command::Models => {
@@ -290,8 +290,7 @@ fn main() -> Result<()> {
             let curves = editguard::harness::curves::curves(&context, &suites)?;
             let first = curves.first().context("the suites have no edit tests")?;
             let suite = context.suites.iter().find(|s| s.name == first.suite).context("suite")?;
-            let thresholds =
-                editguard::harness::thresholds::resolve(&context.registry, &first.model, &suite.thresholds)?;
+            let thresholds = editguard::thresholds::resolve(&context.registry, &first.model, &suite.thresholds)?;
             let (bound, _) = editguard::harness::verdict::collapse_bound(&thresholds, first.points[0].1);
             let width = curves.iter().map(|c| c.suite.len()).max().unwrap_or(5).max(5);
             println!("{:<width$} {:<10} {:>6} {:>12}  outcome", "suite", "method", "edits", "last ppl");

@@ -9,7 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Shape, Tensor, Var};
 
 use crate::error::Result;
-use crate::model::fast_exp::with_f32_values as with_values;
+use crate::model::kernels::fast_exp::with_f32_values as with_values;
 
 /// Running sums of the gradients of a list of parameters.
 pub struct Accumulator {

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::model::WeightId;
-use crate::model::trained_product::matmul_trained;
+use crate::model::kernels::trained_product::matmul_trained;
 
 /// Running per-dimension mean and sum of squared deviations (Welford), in f64.
 #[derive(Debug, Clone, PartialEq)]

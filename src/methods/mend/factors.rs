@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use candle_core::{D, Tensor, Var};
 
+use crate::data::request::EditRequest;
 use crate::error::{Error, Result};
-use crate::methods::request::EditRequest;
 use crate::model::{Hook, HookPoint, LoadedModel, MlpProjection, NoHooks, PackedBatch, Packing, Path, Site, WeightId};
 
 /// Token rows of a batch of edit requests with the sites that predict each target token.

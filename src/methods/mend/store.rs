@@ -1,7 +1,8 @@
 //! The trained-editor cache: one safetensors file per (model weights, hyper-parameters, training data, seed).
 //!
 //! The key is a JSON text naming the model id and weights fingerprint, MEND's hyper-parameters (seed included), the
-//! edited weights and the sha256 of the training data file; the file lives at
+//! edited weights, the sha256 of the training data file and the version of the kernels' arithmetic
+//! ([`crate::model::kernels::NUMERICS`]: training is deterministic but not bit-stable across summation orders); the file lives at
 //! `<cache>/mend/<model>-<sha256(key)[..16]>.safetensors` and records the key, the training report and a sha256 of
 //! its tensor data in its metadata. A file is used only when it parses, its key is the key asked for, its data
 //! hashes to the recorded digest and every tensor has the shape the editor expects; anything else is rebuilt (and
@@ -29,6 +30,7 @@ const FORMAT: &str = "editguard-mend-editor/1";
 #[derive(Serialize)]
 struct Key<'a> {
     format: &'static str,
+    numerics: &'static str,
     model: &'a str,
     fingerprint: &'a str,
     params: &'a MendParams,
@@ -46,6 +48,7 @@ pub fn key_and_path(
     let data = crate::data::counterfact::EditDataset::CounterFactTrain.locate(env.data_dir.as_deref())?;
     let key = Key {
         format: FORMAT,
+        numerics: crate::model::kernels::NUMERICS,
         model: &model.id,
         fingerprint: &model.fingerprint,
         params,

@@ -33,9 +33,9 @@ use super::editor::{Editor, EditorShape};
 use super::factors::{TargetBatch, below_edited, factors_above, lowest_edited_layer, mean_nll, target_batch};
 use super::{EditLossPrompt, LocalityFrom, MendParams};
 use crate::data::counterfact::{EditDataset, seeded_order};
+use crate::data::request::{EditRequest, LocalityProbe};
 use crate::error::{Error, Result, ensure_finite};
 use crate::methods::fused_adam::{AdamParams, FusedAdam};
-use crate::methods::request::{EditRequest, LocalityProbe};
 use crate::metrics::edit_quality::score_continuations;
 use crate::model::{LoadedModel, NoHooks, Path, Site, WeightBackup, WeightId};
 
