@@ -84,6 +84,7 @@ fn byte_level_document(file: &GgufFile, path: &str) -> Result<Json> {
     };
     let vocab: serde_json::Map<String, Json> =
         tokens.iter().enumerate().map(|(id, token)| (token.clone(), json!(id))).collect();
+    check_merges(&merges, &vocab, path)?;
     let added: Vec<Json> = tokens
         .iter()
         .enumerate()
@@ -108,6 +109,25 @@ fn byte_level_document(file: &GgufFile, path: &str) -> Result<Json> {
             "vocab": vocab, "merges": merges,
         }
     }))
+}
+
+/// Checks that every merge `a b` joins two tokens of the vocabulary into a third. The tokenizers crate assumes it
+/// and slices out of bounds when a merged token is longer than every token (found by the `gguf` fuzz target).
+fn check_merges(merges: &[String], vocab: &serde_json::Map<String, Json>, path: &str) -> Result<()> {
+    for (index, merge) in merges.iter().enumerate() {
+        let bad =
+            |why: &str| Error::model_file(path, format!("metadata `tokenizer.ggml.merges`[{index}] `{merge}`: {why}"));
+        let (left, right) = merge.split_once(' ').ok_or_else(|| bad("expected two tokens separated by a space"))?;
+        if right.contains(' ') {
+            return Err(bad("expected two tokens separated by a space"));
+        }
+        for part in [left, right, &format!("{left}{right}")] {
+            if !vocab.contains_key(part) {
+                return Err(bad(&format!("`{part}` is not in the vocabulary")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The strings of a metadata array, or an error naming the file and key.
