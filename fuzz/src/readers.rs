@@ -105,6 +105,9 @@ fn files_of(task: &str) -> Vec<String> {
     files.iter().map(|f| f.to_string()).collect()
 }
 
+/// The edit datasets the `datasets` target feeds after the tasks.
+const EDIT_DATASETS: [&str; 3] = ["counterfact", "counterfact-train", "zsre"];
+
 /// The tasks' data readers (JSON, JSON lines, CSV, TSV, HellaSwag's bzip2 text, CoNLL columns, MuTual's files) and
 /// the COUNTERFACT / zsRE edit datasets. The first byte picks the reader; the rest is written where that reader
 /// looks for its file in a fresh data directory (a two-file task gets the halves split at the first 0xFF byte;
@@ -112,7 +115,7 @@ fn files_of(task: &str) -> Vec<String> {
 pub fn datasets(data: &[u8]) {
     let Some((&selector, rest)) = data.split_first() else { return };
     let dir = tempfile::tempdir().expect("temporary data directory");
-    let pick = usize::from(selector) % (TASKS.len() + 3);
+    let pick = usize::from(selector) % (TASKS.len() + EDIT_DATASETS.len());
     if let Some(entry) = TASKS.get(pick) {
         let files = files_of(entry.name);
         assert!(!files.is_empty(), "the fuzz readers do not know the data files of task {}", entry.name);
@@ -126,8 +129,7 @@ pub fn datasets(data: &[u8]) {
         }
         let _ = (entry.build)().items(Some(dir.path()));
     } else {
-        let name = ["counterfact", "counterfact-train", "zsre"][pick - TASKS.len()];
-        let dataset = EditDataset::parse(name).expect("a known dataset");
+        let dataset = EditDataset::parse(EDIT_DATASETS[pick - TASKS.len()]).expect("a known dataset");
         let path = dataset.locate(Some(dir.path())).expect("a data path");
         std::fs::create_dir_all(path.parent().expect("a parent")).expect("data folder");
         std::fs::write(&path, rest).expect("write the input");

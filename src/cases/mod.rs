@@ -23,7 +23,7 @@ use toml::Spanned;
 use crate::data::counterfact::{EditDataset, seeded_sample, select_ids};
 use crate::data::request::{EditRequest, LocalityProbe};
 use crate::error::{Error, Result};
-use crate::methods::{METHODS, method_entry};
+use crate::methods::{METHODS, method_entry, unknown_method};
 use crate::registry::{Registry, line_of, parse_toml};
 use crate::thresholds::ThresholdOverrides;
 use tiers::TierRule;
@@ -306,12 +306,7 @@ impl Suite {
         }
         for (i, method) in file.methods.iter().enumerate() {
             let entry = method_entry(method.get_ref()).map_err(|_| {
-                let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
-                Error::invalid(
-                    at(method.span()),
-                    format!("methods[{i}]"),
-                    format!("unknown method `{}`; expected one of {}", method.get_ref(), known.join(", ")),
-                )
+                Error::invalid(at(method.span()), format!("methods[{i}]"), unknown_method(method.get_ref()))
             })?;
             if file.setting.batches() && !entry.batch {
                 let batchers: Vec<&str> = METHODS.iter().filter(|m| m.batch).map(|m| m.name).collect();

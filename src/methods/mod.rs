@@ -175,10 +175,13 @@ pub const METHODS: &[MethodEntry] = &[rome::ROME, rome::R_ROME, memit::MEMIT, ft
 
 /// Looks a method up by name.
 pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {
-    METHODS.iter().find(|m| m.name == name).ok_or_else(|| {
-        let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
-        Error::invalid("(method)", "method", format!("unknown method `{name}`; expected one of {}", known.join(", ")))
-    })
+    METHODS.iter().find(|m| m.name == name).ok_or_else(|| Error::invalid("(method)", "method", unknown_method(name)))
+}
+
+/// The message for a method name not in [`METHODS`], listing the known ones (callers add file and field).
+pub fn unknown_method(name: &str) -> String {
+    let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
+    format!("unknown method `{name}`; expected one of {}", known.join(", "))
 }
 
 /// Checks every `[models.<id>.methods.<method>]` table of the registry: the method exists and its settings build it
@@ -186,13 +189,8 @@ pub fn method_entry(name: &str) -> Result<&'static MethodEntry> {
 pub fn check_settings(registry: &Registry) -> Result<()> {
     for (id, model) in &registry.models {
         for (method, table) in &model.methods {
-            let entry = METHODS.iter().find(|m| m.name == method.as_str()).ok_or_else(|| {
-                let names: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
-                Error::invalid(
-                    &registry.origin,
-                    format!("models.{id}.methods.{method}"),
-                    format!("unknown method `{method}`; expected one of {}", names.join(", ")),
-                )
+            let entry = method_entry(method).map_err(|_| {
+                Error::invalid(&registry.origin, format!("models.{id}.methods.{method}"), unknown_method(method))
             })?;
             (entry.build)(table, &format!("{}: models.{id}.methods.{method}", registry.origin))?;
         }

@@ -127,18 +127,17 @@ impl Gemma3Config {
     /// The per-layer kinds, rotary bases and activation, refusing what the forward pass does not implement.
     fn resolve(&self, origin: &str) -> Result<Spec> {
         let bad = |field: &str, expected: String| Error::invalid(origin, field, expected);
-        for (field, size) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("head_dim", self.head_dim),
-            ("vocab_size", self.vocab_size),
-        ] {
-            if size == 0 {
-                return Err(bad(field, "expected a size of at least 1, found 0".to_string()));
-            }
-        }
+        super::check_sizes(
+            origin,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("head_dim", self.head_dim),
+                ("vocab_size", self.vocab_size),
+            ],
+        )?;
         let activation = GateActivation::from_name(&self.hidden_activation).ok_or_else(|| {
             bad("hidden_activation", format!("expected gelu_pytorch_tanh or silu, found `{}`", self.hidden_activation))
         })?;

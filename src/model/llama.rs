@@ -102,19 +102,18 @@ impl LlamaConfig {
     }
 
     fn check(&self, origin: &str) -> Result<()> {
-        for (field, size) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-            ("head_dim", self.head_dim.unwrap_or(1)),
-            ("vocab_size", self.vocab_size),
-        ] {
-            if size == 0 {
-                return Err(Error::invalid(origin, field, "expected a size of at least 1, found 0"));
-            }
-        }
+        super::check_sizes(
+            origin,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("num_attention_heads", self.num_attention_heads),
+                ("num_key_value_heads", self.kv_heads()),
+                ("head_dim", self.head_dim.unwrap_or(1)),
+                ("vocab_size", self.vocab_size),
+            ],
+        )?;
         if self.hidden_act != "silu" {
             return Err(Error::invalid(origin, "hidden_act", format!("expected `silu`, found `{}`", self.hidden_act)));
         }

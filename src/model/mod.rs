@@ -103,6 +103,15 @@ impl WeightId {
     }
 }
 
+/// Checks that every `(field, size)` of a configuration is at least 1: sizes divide, index and size tables, so a 0
+/// read from a file is refused here, naming the field, instead of dividing by zero later.
+pub(crate) fn check_sizes(origin: &str, sizes: &[(&str, usize)]) -> Result<()> {
+    match sizes.iter().find(|(_, size)| *size == 0) {
+        Some((field, _)) => Err(Error::invalid(origin, *field, "expected a size of at least 1, found 0")),
+        None => Ok(()),
+    }
+}
+
 fn check_same_shape(current: &Tensor, new: &Tensor, id: WeightId) -> Result<()> {
     if current.shape() != new.shape() {
         return Err(Error::invalid(

@@ -78,35 +78,24 @@ impl WeightSource for SafetensorsWeights {
 /// Builds `count` layers with `load(index)`, spread over the available cores (dequantising GGUF weights is the
 /// bulk of loading a model).
 ///
-/// The last layer is loaded first, alone: a layer count the weights do not back (a corrupt `block_count` of four
-/// million, found by the `gguf` fuzz target) fails there, before anything is sized from it; and each worker stops at
-/// its first error instead of trying every remaining layer.
+/// Each worker loads a consecutive range of layers and stops at its first error, and nothing is sized from `count`
+/// before layers exist: a layer count the weights do not back (a corrupt `block_count` of four million, found by the
+/// `gguf` fuzz target) fails at the first missing layer of each range instead of allocating and trying them all.
+/// The first error in layer order is returned.
 pub fn load_layers<T: Send>(count: usize, load: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let Some(rest) = count.checked_sub(1) else { return Ok(Vec::new()) };
-    let last = load(rest)?;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, rest.max(1));
-    let mut slots: Vec<Option<Result<T>>> = (0..rest).map(|_| None).collect();
-    let width = rest.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (worker, chunk) in slots.chunks_mut(width).enumerate() {
-            let load = &load;
-            scope.spawn(move || {
-                for (offset, slot) in chunk.iter_mut().enumerate() {
-                    let layer = load(worker * width + offset);
-                    let failed = layer.is_err();
-                    *slot = Some(layer);
-                    if failed {
-                        break;
-                    }
-                }
-            });
-        }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, count.max(1));
+    let width = count.div_ceil(threads).max(1);
+    let ranges: Vec<Result<Vec<T>>> = std::thread::scope(|scope| {
+        let load = &load;
+        let workers: Vec<_> = (0..count)
+            .step_by(width)
+            .map(|first| scope.spawn(move || (first..(first + width).min(count)).map(load).collect()))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     });
-    let mut layers = Vec::with_capacity(count);
-    for slot in slots {
-        // A worker leaves slots empty only after an error in the same chunk, which comes first.
-        layers.push(slot.expect("a slot is empty only after an error, which ends the collection first")?);
+    let mut layers = Vec::new();
+    for range in ranges {
+        layers.extend(range?);
     }
-    layers.push(last);
     Ok(layers)
 }
