@@ -79,14 +79,17 @@ pub fn gated_product_fast(gate_up: &Tensor, width: usize, activation: GateActiva
         let pieces: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_thread * width).enumerate().collect();
         crate::model::kernels::workers::for_each_item(pieces, |(index, target)| {
             let source = &values[index * rows_per_thread * 2 * width..];
-            with_simd(|| {
-                for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {
-                    let (gate, up) = row_in.split_at(width);
-                    for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
-                        *y = activation.value(g) * u;
+            with_simd(
+                #[inline(always)]
+                || {
+                    for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {
+                        let (gate, up) = row_in.split_at(width);
+                        for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
+                            *y = activation.value(g) * u;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
         out
     });

@@ -126,19 +126,22 @@ pub(crate) fn attend_positions(
     let mut block_sums = [0f32; super::tiled_attention::BLOCK_ROWS];
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        with_simd(|| {
-            attend_block(
-                |r| &q[offset_of(r)..][..head_dim],
-                &block.positions,
-                keys,
-                values,
-                shape,
-                &mut scratch,
-                // SAFETY: every (row, head) of the output belongs to exactly one block, and blocks are disjoint.
-                |r, row| unsafe { target.write(offset_of(r), row) },
-                log_sums.map(|_| &mut block_sums[..]),
-            )
-        })
+        with_simd(
+            #[inline(always)]
+            || {
+                attend_block(
+                    |r| &q[offset_of(r)..][..head_dim],
+                    &block.positions,
+                    keys,
+                    values,
+                    shape,
+                    &mut scratch,
+                    // SAFETY: every (row, head) of the output belongs to exactly one block, and blocks are disjoint.
+                    |r, row| unsafe { target.write(offset_of(r), row) },
+                    log_sums.map(|_| &mut block_sums[..]),
+                )
+            },
+        )
     });
     if let Some(log_sums) = log_sums {
         for r in 0..block.positions.len() {

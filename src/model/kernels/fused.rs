@@ -70,20 +70,24 @@ impl CustomOp1 for RmsNorm {
         let (x, grad, weight) = (values_of(arg)?, values_of(grad_res)?, values_of(&self.weight)?);
         let width = weight.len();
         let mut out = vec![0f32; x.len()];
-        with_simd(|| {
-            for ((out, x), grad) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(grad.chunks_exact(width))
-            {
-                let mean_square = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / width as f64;
-                let inverse_rms = 1.0 / (mean_square + self.eps).sqrt();
-                let projection: f64 =
-                    x.iter().zip(grad).zip(&weight).map(|((&x, &g), &w)| f64::from(g * w) * f64::from(x)).sum();
-                let along_x = (projection * inverse_rms * inverse_rms / width as f64) as f32;
-                let inverse_rms = inverse_rms as f32;
-                for (((out, &x), &g), &w) in out.iter_mut().zip(x).zip(grad).zip(&weight) {
-                    *out = (g * w - x * along_x) * inverse_rms;
+        with_simd(
+            #[inline(always)]
+            || {
+                for ((out, x), grad) in
+                    out.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(grad.chunks_exact(width))
+                {
+                    let mean_square = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / width as f64;
+                    let inverse_rms = 1.0 / (mean_square + self.eps).sqrt();
+                    let projection: f64 =
+                        x.iter().zip(grad).zip(&weight).map(|((&x, &g), &w)| f64::from(g * w) * f64::from(x)).sum();
+                    let along_x = (projection * inverse_rms * inverse_rms / width as f64) as f32;
+                    let inverse_rms = inverse_rms as f32;
+                    for (((out, &x), &g), &w) in out.iter_mut().zip(x).zip(grad).zip(&weight) {
+                        *out = (g * w - x * along_x) * inverse_rms;
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
     }
 }
@@ -101,19 +105,22 @@ impl CustomOp1 for GatedProduct {
         let (gate_up, grad) = (values_of(arg)?, values_of(grad_res)?);
         let width = self.width;
         let mut out = vec![0f32; gate_up.len()];
-        with_simd(|| {
-            for ((out, input), grad) in
-                out.chunks_exact_mut(2 * width).zip(gate_up.chunks_exact(2 * width)).zip(grad.chunks_exact(width))
-            {
-                let (gate, up) = input.split_at(width);
-                let (gate_grad, up_grad) = out.split_at_mut(width);
-                for i in 0..width {
-                    let (a, b, g) = (gate[i], up[i], grad[i]);
-                    gate_grad[i] = g * b * self.activation.derivative(a);
-                    up_grad[i] = g * self.activation.value(a);
+        with_simd(
+            #[inline(always)]
+            || {
+                for ((out, input), grad) in
+                    out.chunks_exact_mut(2 * width).zip(gate_up.chunks_exact(2 * width)).zip(grad.chunks_exact(width))
+                {
+                    let (gate, up) = input.split_at(width);
+                    let (gate_grad, up_grad) = out.split_at_mut(width);
+                    for i in 0..width {
+                        let (a, b, g) = (gate[i], up[i], grad[i]);
+                        gate_grad[i] = g * b * self.activation.derivative(a);
+                        up_grad[i] = g * self.activation.value(a);
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
     }
 }

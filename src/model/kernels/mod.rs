@@ -15,6 +15,7 @@ pub mod frozen;
 pub mod fused;
 pub mod prefix_attention_cpu;
 pub mod simd_matmul;
+pub mod tile_products;
 pub mod tiled_attention;
 pub mod trained_product;
 pub mod workers;

@@ -170,23 +170,26 @@ impl PrefixAttention {
                 let log_sums: Vec<f32> =
                     (0..block.positions.len()).map(|r| self.log_sums[block.row(r) * heads + block.head(r)]).collect();
                 BACKWARD_SCRATCH.with(|scratch| {
-                    with_simd(|| {
-                        attend_block_backward(
-                            (
-                                |r| &q[at(r)..][..head_dim],
-                                |r| &grad[at(r)..][..head_dim],
-                                |r| &self.value[at(r)..][..head_dim],
-                            ),
-                            &log_sums,
-                            &block.positions,
-                            (&keys, &values),
-                            g.shape,
-                            &mut scratch.borrow_mut(),
-                            // SAFETY: one item owns every (row, head) of its sequence and key/value head.
-                            |r, row| unsafe { dq_out.write(at(r), row) },
-                            (start, &mut key_grads, &mut value_grads),
-                        )
-                    })
+                    with_simd(
+                        #[inline(always)]
+                        || {
+                            attend_block_backward(
+                                (
+                                    |r| &q[at(r)..][..head_dim],
+                                    |r| &grad[at(r)..][..head_dim],
+                                    |r| &self.value[at(r)..][..head_dim],
+                                ),
+                                &log_sums,
+                                &block.positions,
+                                (&keys, &values),
+                                g.shape,
+                                &mut scratch.borrow_mut(),
+                                // SAFETY: one item owns every (row, head) of its sequence and key/value head.
+                                |r, row| unsafe { dq_out.write(at(r), row) },
+                                (start, &mut key_grads, &mut value_grads),
+                            )
+                        },
+                    )
                 });
             }
             for i in 0..length {

@@ -7,9 +7,11 @@
 //! of its group at a run of positions — form a block of up to [`BLOCK_ROWS`] rows, and the keys the block sees are
 //! visited [`BLOCK_KEYS`] at a time:
 //!
-//! 1. the key block is copied transposed (`head_dim × 64`) and the value block row by row, once for all the rows of
-//!    the query block (so one key row serves every query head of its group);
-//! 2. the scores `S = Q·Kᵀ` are a small matrix product, 4 query rows × 64 keys of accumulators per step;
+//! 1. the value block is copied row by row, once for all the rows of the query block (so one key row serves every
+//!    query head of its group);
+//! 2. the scores `S = Q·Kᵀ` are a small matrix product ([`super::tile_products`]): with many query rows the rows lie
+//!    across the vector lanes and four keys are read straight from their rows per step, with few (decoding) the
+//!    keys lie across the lanes, copied transposed;
 //! 3. keys outside a row's view (later positions, or before a sliding window) get `−∞`; key blocks no row sees are
 //!    never visited, so a window skips work instead of masking it;
 //! 4. the online softmax keeps each row's running maximum `m` and sum `l`: with `m' = max(m, max_j S_j)`, the row's
@@ -21,17 +23,16 @@
 //! in the same order on every run. Callers (the fast path's packed attention, the prefix path, decoding) describe the
 //! keys a block sees with [`KeyRows`], a sequence's rows in up to two parts (a cached prefix and its own rows).
 
-use super::fast_exp::exp_f32;
+use super::fast_exp::{exp_f32, with_simd};
+use super::tile_products::{
+    LANES, STRIP, block_output, block_scores, key_scores, pack_rows, pack_transposed, transpose_scores,
+};
 use crate::model::layers::AttentionShape;
 
 /// Query rows per block (the query heads of one group × positions).
 pub const BLOCK_ROWS: usize = 64;
 /// Keys per block.
 pub const BLOCK_KEYS: usize = 64;
-/// Query rows one step of the score and output products covers.
-const STRIP: usize = 4;
-/// Value columns one step of the output product covers.
-const COLUMNS: usize = 64;
 
 /// The key (or value) rows of one sequence and key/value head, by position: positions `0..first_part_rows` in the
 /// first part, the rest in the second; row `j` of a part starts at `j · width + column`.
@@ -71,9 +72,11 @@ pub struct Scratch {
     keys_transposed: Vec<f32>,
     values: Vec<f32>,
     scores: Vec<f32>,
+    weights_t: Vec<f32>,
     output: Vec<f32>,
     maxima: Vec<f32>,
     sums: Vec<f32>,
+    alphas: Vec<f32>,
 }
 
 /// Attention of up to [`BLOCK_ROWS`] query rows over the keys they see.
@@ -81,6 +84,8 @@ pub struct Scratch {
 /// `query(r)` gives row `r`'s `head_dim` values, `positions[r]` its position; the row sees the keys at
 /// `shape.first_visible(p)..=p` and scores them scaled by `shape.scale`. The output of row `r` goes to
 /// `write(r, values)` (normalised) and, when asked, its log-sum-exp of the scaled scores to `log_sums[r]`.
+/// Blocks of at least [`LANES`] rows lay their rows across the vector lanes, smaller ones (decoding) their keys (see
+/// [`super::tile_products`]); both compute the same sums in the same order.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn attend_block<'q>(
@@ -96,22 +101,29 @@ pub fn attend_block<'q>(
     let rows = positions.len();
     debug_assert!(rows > 0 && rows <= BLOCK_ROWS);
     let d = keys.head_dim;
-    let padded = rows.div_ceil(STRIP) * STRIP;
-    let Scratch { queries, keys_transposed, values: value_block, scores, output, maxima, sums } = scratch;
+    let rows_in_lanes = rows >= LANES;
+    let padded = rows.div_ceil(if rows_in_lanes { LANES } else { STRIP }) * if rows_in_lanes { LANES } else { STRIP };
+    let Scratch { queries, keys_transposed, values: value_block, scores, weights_t, output, maxima, sums, alphas } =
+        scratch;
+    // Scaled queries: `d × padded` with the rows across the lanes, else `padded × d`; padding rows are zero.
     fill(queries, padded * d);
     for r in 0..rows {
-        for (slot, &x) in queries[r * d..(r + 1) * d].iter_mut().zip(query(r)) {
-            *slot = x * shape.scale;
+        for (c, &x) in query(r).iter().enumerate() {
+            queries[if rows_in_lanes { c * padded + r } else { r * d + c }] = x * shape.scale;
         }
     }
     fill(keys_transposed, d * BLOCK_KEYS);
     fill(value_block, BLOCK_KEYS * d);
     fill(scores, padded * BLOCK_KEYS);
+    fill(weights_t, BLOCK_KEYS * padded);
     fill(output, padded * d);
     maxima.clear();
     maxima.resize(padded, f32::NEG_INFINITY);
     fill(sums, padded);
+    fill(alphas, padded);
 
+    // Padding rows see what the last row sees (their outputs are dropped).
+    let position_of = |r: usize| positions[r.min(rows - 1)];
     let (first_key, last_key) = seen_keys(positions, shape);
     let (lowest_last, highest_first) = (
         positions.iter().copied().min().unwrap_or(0),
@@ -120,46 +132,41 @@ pub fn attend_block<'q>(
     let mut start = first_key;
     while start <= last_key {
         let count = BLOCK_KEYS.min(last_key + 1 - start);
-        pack_transposed(keys, start, count, keys_transposed);
         pack_rows(values, start, count, value_block);
-        block_scores(queries, padded, d, keys_transposed, scores);
         // Every row sees every key of the block: no mask needed.
         let whole = count == BLOCK_KEYS && start + count - 1 <= lowest_last && start >= highest_first;
-        if !whole {
-            for r in 0..padded {
-                let position = positions[r.min(rows - 1)];
-                let first = shape.first_visible(position);
-                for (j, score) in scores[r * BLOCK_KEYS..(r + 1) * BLOCK_KEYS].iter_mut().enumerate() {
-                    let key = start + j;
-                    if j >= count || key > position || key < first {
-                        *score = f32::NEG_INFINITY;
+        let hidden = |r: usize, key: usize| {
+            let position = position_of(r);
+            key > position || key < shape.first_visible(position)
+        };
+        if rows_in_lanes {
+            key_scores(queries, padded, keys, (start, count), weights_t);
+            if !whole {
+                for (j, row) in weights_t[..count * padded].chunks_exact_mut(padded).enumerate() {
+                    for (r, score) in row.iter_mut().enumerate() {
+                        if hidden(r, start + j) {
+                            *score = f32::NEG_INFINITY;
+                        }
                     }
                 }
             }
-        }
-        let mut alphas = [0f32; BLOCK_ROWS];
-        for r in 0..padded {
-            let row = &mut scores[r * BLOCK_KEYS..(r + 1) * BLOCK_KEYS];
-            let block_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = maxima[r].max(block_max);
-            if new_max == f32::NEG_INFINITY {
-                // The row has seen no key yet: nothing to add.
-                row.fill(0.0);
-                alphas[r] = 1.0;
-                continue;
+            softmax_in_lanes(weights_t, maxima, sums, alphas);
+        } else {
+            pack_transposed(keys, start, count, keys_transposed);
+            block_scores(queries, padded, d, keys_transposed, scores);
+            if !whole {
+                for (r, row) in scores.chunks_exact_mut(BLOCK_KEYS).enumerate() {
+                    for (j, score) in row.iter_mut().enumerate() {
+                        if j >= count || hidden(r, start + j) {
+                            *score = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
-            let alpha = if maxima[r] == f32::NEG_INFINITY { 0.0 } else { exp_f32(maxima[r] - new_max) };
-            let mut total = 0f32;
-            for score in row.iter_mut() {
-                let p = if *score == f32::NEG_INFINITY { 0.0 } else { exp_f32(*score - new_max) };
-                *score = p;
-                total += p;
-            }
-            sums[r] = sums[r] * alpha + total;
-            maxima[r] = new_max;
-            alphas[r] = alpha;
+            softmax_by_rows(scores, maxima, sums, alphas);
+            transpose_scores(scores, padded, weights_t);
         }
-        block_output(scores, &alphas[..padded], value_block, count, d, output);
+        block_output(weights_t, alphas, value_block, d, output);
         start += count;
     }
     for r in 0..rows {
@@ -175,6 +182,77 @@ pub fn attend_block<'q>(
     }
 }
 
+/// One key block's step of the online softmax for each row: with the row's running maximum `m` and the block's
+/// maximum, `m' = max(m, block max)`; the block's scores become `e^{S − m'}` (0 for hidden keys), the running sum
+/// `l ← l · e^{m − m'} + Σ e^{S − m'}` (keys in order), and `alphas` gets `e^{m − m'}` for the output product (1
+/// while a row has seen no key, 0 at its first one).
+#[inline(always)]
+fn online_softmax_step(maximum: &mut f32, block_max: f32) -> (f32, f32) {
+    let new_max = maximum.max(block_max);
+    let alpha = match (new_max == f32::NEG_INFINITY, *maximum == f32::NEG_INFINITY) {
+        (true, _) => 1.0,
+        (false, true) => 0.0,
+        (false, false) => exp_f32(*maximum - new_max),
+    };
+    *maximum = new_max;
+    (new_max, alpha)
+}
+
+/// [`online_softmax_step`] for scores laid out `BLOCK_KEYS × padded` (rows across the lanes), 16 rows at a time.
+#[inline(never)]
+fn softmax_in_lanes(scores_t: &mut [f32], maxima: &mut [f32], sums: &mut [f32], alphas: &mut [f32]) {
+    let padded = maxima.len();
+    with_simd(
+        #[inline(always)]
+        || {
+            for v in (0..padded).step_by(LANES) {
+                let mut block_max = [f32::NEG_INFINITY; LANES];
+                for row in scores_t[..BLOCK_KEYS * padded].chunks_exact(padded) {
+                    for (m, &x) in block_max.iter_mut().zip(&row[v..v + LANES]) {
+                        *m = m.max(x);
+                    }
+                }
+                let mut new_max = [0f32; LANES];
+                for l in 0..LANES {
+                    (new_max[l], alphas[v + l]) = online_softmax_step(&mut maxima[v + l], block_max[l]);
+                }
+                let mut totals = [0f32; LANES];
+                for row in scores_t[..BLOCK_KEYS * padded].chunks_exact_mut(padded) {
+                    for ((score, total), &m) in row[v..v + LANES].iter_mut().zip(&mut totals).zip(&new_max) {
+                        // A select, not a branch, so that the exponentials vectorise.
+                        let p = exp_f32(*score - m);
+                        *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
+                        *total += *score;
+                    }
+                }
+                for l in 0..LANES {
+                    sums[v + l] = sums[v + l] * alphas[v + l] + totals[l];
+                }
+            }
+        },
+    )
+}
+
+/// [`online_softmax_step`] for scores laid out row by row (`padded × BLOCK_KEYS`).
+#[inline(never)]
+fn softmax_by_rows(scores: &mut [f32], maxima: &mut [f32], sums: &mut [f32], alphas: &mut [f32]) {
+    with_simd(
+        #[inline(always)]
+        || {
+            for (r, row) in scores.chunks_exact_mut(BLOCK_KEYS).enumerate().take(maxima.len()) {
+                let (new_max, alpha) = online_softmax_step(&mut maxima[r], lane_max(row));
+                for score in row.iter_mut() {
+                    let p = exp_f32(*score - new_max);
+                    *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
+                }
+                let total = row.iter().fold(0f32, |total, &p| total + p);
+                sums[r] = sums[r] * alpha + total;
+                alphas[r] = alpha;
+            }
+        },
+    )
+}
+
 /// Reusable buffers of one thread for [`attend_block_backward`].
 #[derive(Default)]
 pub struct BackwardScratch {
@@ -186,6 +264,7 @@ pub struct BackwardScratch {
     key_rows: Vec<f32>,
     scores: Vec<f32>,
     slopes: Vec<f32>,
+    slopes_t: Vec<f32>,
     query_grads: Vec<f32>,
 }
 
@@ -220,6 +299,7 @@ pub fn attend_block_backward<'q>(
         key_rows,
         scores,
         slopes,
+        slopes_t,
         query_grads,
     } = scratch;
     fill(queries, padded * d);
@@ -237,6 +317,7 @@ pub fn attend_block_backward<'q>(
     fill(key_rows, BLOCK_KEYS * d);
     fill(scores, padded * BLOCK_KEYS);
     fill(slopes, padded * BLOCK_KEYS);
+    fill(slopes_t, BLOCK_KEYS * padded);
     fill(query_grads, padded * d);
     let ones = [1f32; BLOCK_ROWS];
 
@@ -259,13 +340,16 @@ pub fn attend_block_backward<'q>(
             for ((j, score), slope) in scores[row.clone()].iter_mut().enumerate().zip(&mut slopes[row]) {
                 let key = start + j;
                 let visible = r < rows && j < count && key <= position && key >= first;
-                let p = if visible { exp_f32(*score - lse) } else { 0.0 };
+                // Computed for every key and then selected, so that the loop vectorises.
+                let p = exp_f32(*score - lse);
+                let p = if visible { p } else { 0.0 };
                 // scores now hold p, slopes ∂S.
                 *slope = p * (*slope - delta);
                 *score = p;
             }
         }
-        block_output(slopes, &ones[..padded], key_rows, count, d, query_grads);
+        transpose_scores(slopes, padded, slopes_t);
+        block_output(slopes_t, &ones[..padded], key_rows, d, query_grads);
         for j in 0..count {
             let Some(local) = (start + j).checked_sub(trainable_from) else { continue };
             let (key_grad, value_grad) =
@@ -293,102 +377,27 @@ pub fn attend_block_backward<'q>(
     }
 }
 
+/// The largest score of a block row, in 16 lanes so that it vectorises (the maximum does not depend on the order).
+#[inline(always)]
+fn lane_max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for chunk in row.chunks_exact(16) {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// The first and last key positions any row of a block sees.
 fn seen_keys(positions: &[usize], shape: AttentionShape) -> (usize, usize) {
     let first = positions.iter().map(|&p| shape.first_visible(p)).min().unwrap_or(0);
     (first, positions.iter().copied().max().unwrap_or(0))
 }
 
-/// Rows `start..start + count` of `rows`, transposed into `out` (`head_dim × BLOCK_KEYS`), zero beyond `count`.
-fn pack_transposed(rows: &KeyRows, start: usize, count: usize, out: &mut [f32]) {
-    for j in 0..BLOCK_KEYS {
-        match j < count {
-            true => {
-                for (c, &x) in rows.row(start + j).iter().enumerate() {
-                    out[c * BLOCK_KEYS + j] = x;
-                }
-            }
-            false => (0..rows.head_dim).for_each(|c| out[c * BLOCK_KEYS + j] = 0.0),
-        }
-    }
-}
-
-/// Rows `start..start + count` of `rows`, one after the other in `out` (`count × head_dim`).
-fn pack_rows(rows: &KeyRows, start: usize, count: usize, out: &mut [f32]) {
-    let d = rows.head_dim;
-    for j in 0..count {
-        out[j * d..(j + 1) * d].copy_from_slice(rows.row(start + j));
-    }
-}
-
 fn fill(buffer: &mut Vec<f32>, len: usize) {
     buffer.clear();
     buffer.resize(len, 0.0);
-}
-
-/// `scores[r, j] = Σ_c queries[r, c] · keys_transposed[c, j]` for `padded` rows (a multiple of [`STRIP`]).
-#[inline(always)]
-fn block_scores(queries: &[f32], padded: usize, d: usize, keys_transposed: &[f32], scores: &mut [f32]) {
-    for r0 in (0..padded).step_by(STRIP) {
-        let mut acc = [[0f32; BLOCK_KEYS]; STRIP];
-        for c in 0..d {
-            let key_column: &[f32; BLOCK_KEYS] =
-                keys_transposed[c * BLOCK_KEYS..(c + 1) * BLOCK_KEYS].try_into().expect("a block row");
-            for (r, lanes) in acc.iter_mut().enumerate() {
-                let x = queries[(r0 + r) * d + c];
-                for (lane, &k) in lanes.iter_mut().zip(key_column) {
-                    *lane += x * k;
-                }
-            }
-        }
-        for (r, lanes) in acc.iter().enumerate() {
-            scores[(r0 + r) * BLOCK_KEYS..(r0 + r + 1) * BLOCK_KEYS].copy_from_slice(lanes);
-        }
-    }
-}
-
-/// `output[r] = alphas[r] · output[r] + Σ_{j < count} weights[r, j] · values[j]` for every row.
-#[inline(always)]
-fn block_output(weights: &[f32], alphas: &[f32], values: &[f32], count: usize, d: usize, output: &mut [f32]) {
-    for r0 in (0..alphas.len()).step_by(STRIP) {
-        let mut c0 = 0;
-        while c0 + COLUMNS <= d {
-            let mut acc = [[0f32; COLUMNS]; STRIP];
-            for (r, lanes) in acc.iter_mut().enumerate() {
-                let alpha = alphas[r0 + r];
-                for (lane, &o) in lanes.iter_mut().zip(&output[(r0 + r) * d + c0..][..COLUMNS]) {
-                    *lane = o * alpha;
-                }
-            }
-            for j in 0..count {
-                let value: &[f32; COLUMNS] = values[j * d + c0..][..COLUMNS].try_into().expect("a value strip");
-                for (r, lanes) in acc.iter_mut().enumerate() {
-                    let p = weights[(r0 + r) * BLOCK_KEYS + j];
-                    for (lane, &v) in lanes.iter_mut().zip(value) {
-                        *lane += p * v;
-                    }
-                }
-            }
-            for (r, lanes) in acc.iter().enumerate() {
-                output[(r0 + r) * d + c0..][..COLUMNS].copy_from_slice(lanes);
-            }
-            c0 += COLUMNS;
-        }
-        if c0 < d {
-            // Heads narrower than a strip (or their tail): plain loops.
-            for r in r0..r0 + STRIP {
-                let alpha = alphas[r];
-                let row = &mut output[r * d + c0..(r + 1) * d];
-                row.iter_mut().for_each(|o| *o *= alpha);
-                for j in 0..count {
-                    let p = weights[r * BLOCK_KEYS + j];
-                    for (o, &v) in row.iter_mut().zip(&values[j * d + c0..(j + 1) * d]) {
-                        *o += p * v;
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -422,6 +431,48 @@ mod tests {
                 ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
             })
             .collect()
+    }
+
+    #[test]
+    fn both_score_layouts_give_the_same_bits() {
+        // A block of 48 rows lays its rows across the lanes; the same rows one at a time lay the keys across them.
+        // Both must run the same sums in the same order, so the outputs agree bit for bit. (Without a window: with
+        // one, a block's first key block starts where its earliest row's window does, so a row alone is tiled
+        // differently and its online softmax rescales at other places.)
+        for (head_dim, length) in [(64, 200), (80, 130), (256, 100)] {
+            let width = head_dim;
+            let keys_values: &'static [f32] = Box::leak(pseudo_random(length * width, 4).into_boxed_slice());
+            let value_values: &'static [f32] = Box::leak(pseudo_random(length * width, 5).into_boxed_slice());
+            let (keys, values) = (
+                KeyRows::single(keys_values, length, width, 0, head_dim),
+                KeyRows::single(value_values, length, width, 0, head_dim),
+            );
+            let queries = pseudo_random(length * head_dim, 6);
+            let shape = AttentionShape::new(1, 1, head_dim).with_scale(0.125);
+            let positions: Vec<usize> = (length - 48..length).collect();
+            let mut scratch = Scratch::default();
+            let run = |positions: &[usize], scratch: &mut Scratch| {
+                let (mut rows, mut log_sums) = (vec![vec![]; positions.len()], vec![0f32; positions.len()]);
+                attend_block(
+                    |r| &queries[positions[r] * head_dim..][..head_dim],
+                    positions,
+                    &keys,
+                    &values,
+                    shape,
+                    scratch,
+                    |r, row| rows[r] = row.to_vec(),
+                    Some(&mut log_sums),
+                );
+                (rows, log_sums)
+            };
+            let (together, together_sums) = run(&positions, &mut scratch);
+            for (r, &p) in positions.iter().enumerate() {
+                let (alone, alone_sums) = run(&[p], &mut scratch);
+                let bits = |row: &[f32]| row.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&together[r]), bits(&alone[0]), "d {head_dim} position {p}");
+                assert_eq!(together_sums[r].to_bits(), alone_sums[0].to_bits(), "d {head_dim} position {p}");
+            }
+        }
     }
 
     #[test]
