@@ -7,6 +7,7 @@
 //! takes a share of the work itself.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::utils::barrier_pool;
 
@@ -15,16 +16,18 @@ pub fn threads() -> usize {
     barrier_pool().n_workers() + 1
 }
 
-/// Runs `task` on every item, the items shared out round-robin over [`threads`] threads; returns when all are done.
+/// Runs `task` on every item over [`threads`] threads, each taking the next item not yet taken (so items of unequal
+/// cost, such as attention blocks late in a long document, do not leave a thread idle); returns when all are done.
+/// Which thread runs an item never changes what the item computes.
 pub fn for_each_item<T: Send>(items: Vec<T>, task: impl Fn(T) + Sync) {
     match items.len() {
         0 => {}
         1 => items.into_iter().for_each(task),
         _ => {
             let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|item| Mutex::new(Some(item))).collect();
-            let threads = threads();
-            barrier_pool().execute(|thread| {
-                for slot in slots.iter().skip(thread).step_by(threads) {
+            let next = AtomicUsize::new(0);
+            barrier_pool().execute(|_thread| {
+                while let Some(slot) = slots.get(next.fetch_add(1, Ordering::Relaxed)) {
                     let item = slot.lock().ok().and_then(|mut slot| slot.take());
                     if let Some(item) = item {
                         task(item);
@@ -38,7 +41,6 @@ pub fn for_each_item<T: Send>(items: Vec<T>, task: impl Fn(T) + Sync) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn every_item_runs_exactly_once() {
