@@ -47,6 +47,17 @@ pub enum Error {
         remedy: String,
     },
 
+    /// A device was asked for that this build does not include or this machine does not have.
+    #[error("device `{asked}`: {reason}\n  what to do: {remedy}")]
+    Device {
+        /// The device as asked (`cuda:0`, `metal`, …).
+        asked: String,
+        /// Why it cannot be used.
+        reason: String,
+        /// What the user can do about it.
+        remedy: String,
+    },
+
     /// A downloaded or cached file does not have the recorded checksum.
     #[error("{path}: sha256 is {actual}, models.toml records {expected} for model `{id}`")]
     Checksum {

@@ -59,9 +59,12 @@ pub struct ModelEntry {
     /// One line for `editguard models`.
     #[serde(default)]
     pub description: String,
-    /// Compute dtype of the loaded weights.
+    /// Compute dtype of the loaded weights (on the CPU, and on a GPU unless `gpu_dtype` says otherwise).
     #[serde(default)]
     pub dtype: WeightDtype,
+    /// Compute dtype on a GPU (CUDA or Metal), e.g. `bf16` for a 7B model that `f32` would not fit; default `dtype`.
+    #[serde(default)]
+    pub gpu_dtype: Option<WeightDtype>,
     /// Whether every sequence starts with the tokenizer's BOS token: perplexity, editing prompts, statistics, tasks
     /// and generation alike. Off by default (the Butterfly paper's convention); on for models that break without it.
     #[serde(default)]
@@ -77,6 +80,16 @@ pub struct ModelEntry {
     /// Per-method mining screens (`[models.<id>.screens.<method>]`), read by `editguard mine`.
     #[serde(default)]
     pub screens: BTreeMap<String, toml::Table>,
+}
+
+impl ModelEntry {
+    /// The compute dtype of this model's weights on `device`: `gpu_dtype` on a GPU when set, else `dtype`.
+    pub fn dtype_for(&self, device: &candle_core::Device) -> WeightDtype {
+        match (device.is_cpu(), self.gpu_dtype) {
+            (false, Some(gpu_dtype)) => gpu_dtype,
+            _ => self.dtype,
+        }
+    }
 }
 
 /// Compute dtype for a model's weights.

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::cases::{self, Suite};
 use crate::error::Result;
-use crate::model::{LoadedModel, default_device};
+use crate::model::LoadedModel;
 use crate::registry::{REGISTRY_ENV, Registry};
 
 use super::snapshot::SnapshotStore;
@@ -65,7 +65,7 @@ impl HarnessContext {
             suites,
             data_dir: None,
             snapshots: SnapshotStore { dir: root.join("snapshots") },
-            device: default_device(),
+            device: crate::model::device::open_requested(None)?,
         })
     }
 

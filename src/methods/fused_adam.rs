@@ -79,9 +79,13 @@ impl FusedAdam {
                 }
                 next
             };
-            let next = with_f32_values(g, |g| with_cpu_f32(var.as_tensor(), |theta| update(g, theta)))?;
-            let Some(next) = next else {
-                return Err(Error::invalid("(adam)", "parameter", "a contiguous f32 CPU tensor expected"));
+            let next = match with_f32_values(g, |g| with_cpu_f32(var.as_tensor(), |theta| update(g, theta)))? {
+                Some(next) => next,
+                // A parameter on another device (or not contiguous): the same update on a host copy.
+                None => {
+                    let theta = var.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    with_f32_values(g, |g| update(g, &theta))?
+                }
             };
             var.set(&Tensor::from_vec(next, var.shape(), var.device())?)?;
         }

@@ -73,6 +73,9 @@ impl GateActivation {
 pub fn gated_product_fast(gate_up: &Tensor, width: usize, activation: GateActivation) -> Result<Tensor> {
     let gate_up = gate_up.contiguous()?;
     let rows = gate_up.dim(0)?;
+    if !super::kernels::generic::use_cpu_kernels(gate_up.device()) {
+        return activation.composed(&gate_up.narrow(1, 0, width)?)? * gate_up.narrow(1, width, width)?;
+    }
     let computed = with_cpu_f32(&gate_up, |values| {
         let mut out = vec![0f32; rows * width];
         let rows_per_thread = rows.div_ceil(crate::model::kernels::workers::threads()).max(1);

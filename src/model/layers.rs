@@ -320,7 +320,7 @@ pub fn causal_attention(
     rotary: Option<&Rotary>,
     path: Path,
 ) -> Result<Tensor> {
-    if path == Path::Fast && q.device().is_cpu() && q.dtype() == DType::F32 {
+    if path == Path::Fast && super::kernels::generic::use_cpu_kernels(q.device()) && q.dtype() == DType::F32 {
         return super::kernels::attention_cpu::packed_causal_attention(q, k, v, packing, shape, rotary)
             .map_err(|e| candle_core::Error::Msg(e.to_string()));
     }

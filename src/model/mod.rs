@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod decode;
+pub mod device;
 pub mod gated_mlp;
 pub mod gemma3;
 pub mod generation;
@@ -244,19 +245,6 @@ pub fn check_architectures(registry: &Registry) -> Result<()> {
     Ok(())
 }
 
-/// The device editguard computes on: CUDA or Metal when built with the feature and available, else the CPU.
-pub fn default_device() -> Device {
-    #[cfg(feature = "cuda")]
-    if let Ok(device) = Device::new_cuda(0) {
-        return device;
-    }
-    #[cfg(feature = "metal")]
-    if let Ok(device) = Device::new_metal(0) {
-        return device;
-    }
-    Device::Cpu
-}
-
 /// A network with its tokenizer, ready for measuring and editing.
 pub struct LoadedModel {
     /// Registry id.
@@ -309,7 +297,8 @@ impl LoadedModel {
     pub fn load(registry: &Registry, id: &str, device: &Device) -> Result<Self> {
         let entry = registry.get(id)?;
         let files = crate::source::fetch(registry, id)?;
-        let mut model = Self::from_files(&files, entry.architecture(), entry.dtype.to_candle(), device)?;
+        let dtype = entry.dtype_for(device).to_candle();
+        let mut model = Self::from_files(&files, entry.architecture(), dtype, device)?;
         model.set_bos(entry.bos).map_err(|_| {
             Error::invalid("models.toml", format!("models.{id}.bos"), "the model's tokenizer has no BOS token")
         })?;
@@ -400,8 +389,17 @@ impl LoadedModel {
         tokenizer::encode_plain(&self.tokenizer, text)
     }
 
-    /// Packs token sequences into a batch on this model's device.
+    /// Packs token sequences into a batch on this model's device; a sequence longer than the model's positions is an
+    /// error naming it (its position tables end there).
     pub fn batch(&self, sequences: &[&[u32]]) -> Result<PackedBatch> {
+        let limit = self.dims().max_positions;
+        if let Some((index, sequence)) = sequences.iter().enumerate().find(|(_, s)| s.len() > limit) {
+            return Err(Error::invalid(
+                "(input)",
+                format!("sequence {index}"),
+                format!("{} tokens, but model `{}` has {limit} positions", sequence.len(), self.id),
+            ));
+        }
         PackedBatch::new(sequences, &self.device)
     }
 

@@ -110,3 +110,26 @@ fn task_data_comes_from_a_hub_repository_with_the_data_directory_layout() {
     assert!(!ok, "a file missing from the mirror must fail");
     assert!(stderr.contains("hf://editguard/mirror/rte/dev.tsv") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
 }
+
+#[test]
+fn a_device_the_build_lacks_is_one_clear_error_on_every_path_in() {
+    let registry = concat!(env!("CARGO_MANIFEST_DIR"), "/models.toml");
+    if !cfg!(feature = "cuda") {
+        // The flag, on any command, before any model is loaded.
+        let (ok, _, stderr) =
+            editguard(&["--registry", registry, "ppl", "--device", "cuda"], &[("RUST_BACKTRACE", "0")]);
+        assert!(!ok, "--device cuda without the feature must fail");
+        assert!(stderr.contains("device `cuda:0`: this build of editguard has no cuda support"), "{stderr}");
+        assert!(stderr.contains("--features cuda"), "{stderr}");
+        assert_eq!(stderr.matches("Error").count(), 1, "one error: {stderr}");
+    }
+    // The environment variable, which the harness reads too: a bad value names the variable and the forms.
+    let (ok, _, stderr) = editguard(&["--registry", registry, "models"], &[("EDITGUARD_DEVICE", "gpu:x")]);
+    assert!(!ok);
+    assert!(stderr.contains("EDITGUARD_DEVICE") && stderr.contains("cpu, cuda, cuda:N"), "{stderr}");
+    // The flag wins over the variable, and the CPU needs nothing.
+    let (ok, stdout, stderr) =
+        editguard(&["--registry", registry, "--device", "cpu", "models"], &[("EDITGUARD_DEVICE", "cuda:7")]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("smollm2-135m"), "{stdout}");
+}

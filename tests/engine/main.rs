@@ -4,6 +4,7 @@
 mod architectures;
 mod cli;
 mod fuzz_regressions;
+mod generic_paths;
 mod gradients;
 mod harness;
 mod mend;

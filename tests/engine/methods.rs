@@ -11,7 +11,8 @@ use editguard::model::{LoadedModel, WeightId};
 
 use crate::support::{default_model_owned, fixture_model, registry};
 
-fn tiny_params() -> toml::Table {
+/// ROME's hyper-parameters for the tiny llama (a few steps; also used by the generic-path comparison).
+pub(crate) fn tiny_params() -> toml::Table {
     toml::from_str(
         r#"
         layers = [0]
@@ -29,7 +30,8 @@ fn tiny_params() -> toml::Table {
     .unwrap()
 }
 
-fn tiny_request() -> EditRequest {
+/// An edit the tiny llama's tokenizer can express.
+pub(crate) fn tiny_request() -> EditRequest {
     EditRequest::from_text("tiny", "<t5> <t17> <t42> <t96> <t3> is", "<t42> <t96>", "<t9> <t11>").unwrap()
 }
 

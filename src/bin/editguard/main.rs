@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use editguard::data::me_ppl::Corpus;
 use editguard::metrics::perplexity::{PerplexityOptions, perplexity};
-use editguard::model::{LoadedModel, default_device};
+use editguard::model::LoadedModel;
 use editguard::registry::{Registry, Source};
 
 #[derive(Parser)]
@@ -28,6 +28,9 @@ struct Cli {
     /// The data directory (default: $EDITGUARD_DATA, ./data or ../shared/data).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// The device to compute on: cpu, cuda, cuda:N, metal or metal:N (default: $EDITGUARD_DEVICE, else cpu).
+    #[arg(long, global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -136,9 +139,12 @@ fn spinner(message: String) -> ProgressBar {
     bar
 }
 
+/// The device of this run (`--device`, `$EDITGUARD_DEVICE` or the CPU), opened once in `main`.
+static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+
 fn load(registry: &Registry, id: &str) -> Result<LoadedModel> {
     let bar = spinner(format!("loading {id}"));
-    let model = LoadedModel::load(registry, id, &default_device());
+    let model = LoadedModel::load(registry, id, DEVICE.get().unwrap_or(&candle_core::Device::Cpu));
     bar.finish_and_clear();
     Ok(model?)
 }
@@ -147,6 +153,8 @@ fn main() -> Result<()> {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { editguard::runtime::configure_process() };
     let cli = Cli::parse();
+    let device = editguard::model::device::open_requested(cli.device.as_deref())?;
+    DEVICE.set(device).expect("the device is opened once");
     let registry = editguard::harness::checked_registry::discover(cli.registry.as_deref())?;
     let model_or_default = |m: Option<String>| m.unwrap_or_else(|| registry.default_model.clone());
     match cli.command {

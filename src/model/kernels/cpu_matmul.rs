@@ -44,7 +44,7 @@ pub fn try_matmul_weight(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 /// The product on the worker pool, or `None` when the operands do not qualify.
 fn split_product(x: &Tensor, w: &Tensor, weight_use: WeightUse) -> Result<Option<Tensor>> {
-    let qualifies = x.device().is_cpu()
+    let qualifies = super::generic::use_cpu_kernels(x.device())
         && x.rank() == 2
         && w.rank() == 2
         && x.dtype() == w.dtype()

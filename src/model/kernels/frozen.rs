@@ -9,6 +9,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `x · Wᵀ` for `x: (n, in)` and a constant `w: (out, in)`, differentiable in `x` only.
 pub fn matmul_frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !super::generic::use_cpu_kernels(x.device()) {
+        // Device-generic form: candle's product with the weight detached (same values and input gradient; the
+        // backward also multiplies out the weight's gradient, which nothing reads).
+        return crate::model::layers::matmul_transposed(x, &w.detach());
+    }
     let value = crate::model::layers::matmul_transposed(&x.detach(), w)?;
     x.apply_op1(InputGradientOnly { value, weight: w.detach() })
 }
@@ -46,19 +51,6 @@ impl CustomOp1 for InputGradientOnly {
 
     fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
         precomputed_storage(&self.value, self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _storage: &candle_core::CudaStorage,
-        _layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (storage, layout) = self.value.contiguous()?.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("matmul-frozen-weight: value not on the CUDA device"),
-        }
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

@@ -20,9 +20,9 @@ use super::fast_exp::{cpu_f32_values as values_of, with_simd};
 use crate::model::activation::{GateActivation, gated_product_fast};
 
 /// Whether `x` can take the fused operations (these, and the prefix attention of [`super::prefix_attention_cpu`]): an
-/// `f32` tensor on the CPU.
+/// `f32` tensor on the CPU, the generic forms not forced ([`super::generic`]).
 pub fn supports(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    super::generic::use_cpu_kernels(x.device()) && x.dtype() == DType::F32
 }
 
 /// RMS normalisation of the last dimension with a constant scale `weight`, differentiable in `x`.

@@ -13,6 +13,7 @@ pub mod cpu_matmul;
 pub mod fast_exp;
 pub mod frozen;
 pub mod fused;
+pub mod generic;
 pub mod prefix_attention_cpu;
 pub mod simd_matmul;
 pub mod tile_products;

@@ -9,6 +9,10 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// `x · Wᵀ` for `x: (n, in)` and a trained `w: (out, in)`, differentiable in both.
 pub fn matmul_trained(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !super::generic::use_cpu_kernels(x.device()) {
+        // Device-generic form: candle's product, whose backward gives both gradients.
+        return x.matmul(&w.t()?);
+    }
     let value = crate::model::layers::matmul_transposed(&x.detach(), &w.detach())?;
     x.apply_op2(w, TrainedWeightProduct { value })
 }
