@@ -73,29 +73,32 @@ impl GateActivation {
 pub fn gated_product_fast(gate_up: &Tensor, width: usize, activation: GateActivation) -> Result<Tensor> {
     let gate_up = gate_up.contiguous()?;
     let rows = gate_up.dim(0)?;
-    if !super::kernels::generic::use_cpu_kernels(gate_up.device()) {
-        return activation.composed(&gate_up.narrow(1, 0, width)?)? * gate_up.narrow(1, width, width)?;
-    }
-    let computed = with_cpu_f32(&gate_up, |values| {
-        let mut out = vec![0f32; rows * width];
-        let rows_per_thread = rows.div_ceil(crate::model::kernels::workers::threads()).max(1);
-        let pieces: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_thread * width).enumerate().collect();
-        crate::model::kernels::workers::for_each_item(pieces, |(index, target)| {
-            let source = &values[index * rows_per_thread * 2 * width..];
-            with_simd(
-                #[inline(always)]
-                || {
-                    for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width)) {
-                        let (gate, up) = row_in.split_at(width);
-                        for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
-                            *y = activation.value(g) * u;
-                        }
-                    }
-                },
-            )
-        });
-        out
-    });
+    // `None` (generic forms forced, another device or dtype) falls to the composed product below.
+    let computed = super::kernels::generic::use_cpu_kernels(gate_up.device())
+        .then(|| {
+            with_cpu_f32(&gate_up, |values| {
+                let mut out = vec![0f32; rows * width];
+                let rows_per_thread = rows.div_ceil(crate::model::kernels::workers::threads()).max(1);
+                let pieces: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_thread * width).enumerate().collect();
+                crate::model::kernels::workers::for_each_item(pieces, |(index, target)| {
+                    let source = &values[index * rows_per_thread * 2 * width..];
+                    with_simd(
+                        #[inline(always)]
+                        || {
+                            for (row_out, row_in) in target.chunks_exact_mut(width).zip(source.chunks_exact(2 * width))
+                            {
+                                let (gate, up) = row_in.split_at(width);
+                                for ((y, &g), &u) in row_out.iter_mut().zip(gate).zip(up) {
+                                    *y = activation.value(g) * u;
+                                }
+                            }
+                        },
+                    )
+                });
+                out
+            })
+        })
+        .flatten();
     match computed {
         Some(out) => Tensor::from_vec(out, (rows, width), gate_up.device()),
         None => activation.composed(&gate_up.narrow(1, 0, width)?)? * gate_up.narrow(1, width, width)?,

@@ -20,8 +20,13 @@ pub fn registry() -> Registry {
 }
 
 /// The device the engine tests run on: `$EDITGUARD_DEVICE` (what ci/gpu-check.sh sets), else the CPU.
+/// Opened once, so that every model of a test process shares one device (a GPU context is not cheap, and tensors of
+/// two contexts do not mix).
 pub fn device() -> Device {
-    editguard::model::device::open_requested(None).expect("EDITGUARD_DEVICE names a usable device")
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| editguard::model::device::open_requested(None).expect("EDITGUARD_DEVICE names a usable device"))
+        .clone()
 }
 
 /// The default model (fetched through its PyPI source on first use), loaded once.

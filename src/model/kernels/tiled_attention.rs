@@ -23,7 +23,7 @@
 //! in the same order on every run. Callers (the fast path's packed attention, the prefix path, decoding) describe the
 //! keys a block sees with [`KeyRows`], a sequence's rows in up to two parts (a cached prefix and its own rows).
 
-use super::fast_exp::{exp_f32, with_simd};
+use super::fast_exp::{exp_f32, max_of, with_simd};
 use super::tile_products::{
     LANES, STRIP, block_output, block_scores, key_scores, pack_rows, pack_transposed, transpose_scores,
 };
@@ -102,7 +102,8 @@ pub fn attend_block<'q>(
     debug_assert!(rows > 0 && rows <= BLOCK_ROWS);
     let d = keys.head_dim;
     let rows_in_lanes = rows >= LANES;
-    let padded = rows.div_ceil(if rows_in_lanes { LANES } else { STRIP }) * if rows_in_lanes { LANES } else { STRIP };
+    let step = if rows_in_lanes { LANES } else { STRIP };
+    let padded = rows.div_ceil(step) * step;
     let Scratch { queries, keys_transposed, values: value_block, scores, weights_t, output, maxima, sums, alphas } =
         scratch;
     // Scaled queries: `d × padded` with the rows across the lanes, else `padded × d`; padding rows are zero.
@@ -240,7 +241,7 @@ fn softmax_by_rows(scores: &mut [f32], maxima: &mut [f32], sums: &mut [f32], alp
         #[inline(always)]
         || {
             for (r, row) in scores.chunks_exact_mut(BLOCK_KEYS).enumerate().take(maxima.len()) {
-                let (new_max, alpha) = online_softmax_step(&mut maxima[r], lane_max(row));
+                let (new_max, alpha) = online_softmax_step(&mut maxima[r], max_of(row));
                 for score in row.iter_mut() {
                     let p = exp_f32(*score - new_max);
                     *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
@@ -375,18 +376,6 @@ pub fn attend_block_backward<'q>(
         row.iter_mut().for_each(|g| *g *= scale);
         write_query_grad(r, row);
     }
-}
-
-/// The largest score of a block row, in 16 lanes so that it vectorises (the maximum does not depend on the order).
-#[inline(always)]
-fn lane_max(row: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    for chunk in row.chunks_exact(16) {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(x);
-        }
-    }
-    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// The first and last key positions any row of a block sees.
